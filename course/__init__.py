@@ -1,0 +1,24 @@
+"""Helpers for the PEFT Workbook notebooks.
+
+`import course` is cheap: each concept module (`course.lora`, `course.quant`, ...)
+is imported on first attribute access, so a notebook pays only for what it uses.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_MODULES = (
+    "env", "models", "data", "lora", "quant", "optim", "memory", "train",
+    "plots", "widgets", "checks", "exercises", "variants", "serving",
+)
+
+
+def __getattr__(name):
+    if name in _MODULES:
+        return importlib.import_module(f"course.{name}")
+    raise AttributeError(f"module 'course' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_MODULES])
