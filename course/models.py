@@ -98,9 +98,9 @@ def convert_embedded(dest: Path) -> None:
     Everything is written into a temporary folder beside `dest` and renamed at the end,
     so an interrupted conversion never leaves a half-written cache behind.
     """
+    gguf = _gguf_path()  # first: a missing package should fail before anything slow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_path()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:

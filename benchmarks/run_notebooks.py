@@ -1,0 +1,76 @@
+"""Execute each notebook and record its wall time and peak memory.
+
+    python benchmarks/run_notebooks.py [notebooks/03_*.ipynb ...]
+
+Each notebook runs in a fresh child process (with its own Jupyter kernel) on a copy,
+so the stored outputs are untouched. Peak memory is the largest resident set of the
+kernel process (RUSAGE_CHILDREN of the child, which waits for its kernel). Results go
+to benchmarks/results/notebooks.json (merged with earlier runs of other notebooks) and
+a markdown table beside it, for the instructor section of notebooks/README.md.
+"""
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+KERNEL = "peft-workbook"
+
+_CHILD = """
+import resource, sys, nbformat
+from nbclient import NotebookClient
+nb = nbformat.read(sys.argv[1], as_version=4)
+NotebookClient(nb, kernel_name=sys.argv[2], timeout=3600, resources={"metadata": {"path": sys.argv[3]}}).execute()
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def run(path: Path) -> dict:
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), KERNEL, str(path.parent)],
+        capture_output=True, text=True, check=False,
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{path.name} failed:\n{done.stderr[-3000:]}")
+    peak_kib = int(done.stdout.strip().splitlines()[-1])
+    return {"seconds": round(seconds, 1), "peak_rss_mib": round(peak_kib / 1024)}
+
+
+def markdown(results: dict) -> str:
+    lines = ["| notebook | wall time | peak memory (kernel RSS) | measured on |", "|---|---|---|---|"]
+    for name, row in sorted(results.items()):
+        lines.append(f"| {name} | {row['seconds'] / 60:.1f} min ({row['seconds']:.0f} s) | "
+                     f"{row['peak_rss_mib']:,} MiB | {row['machine']}, {row['date']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(paths: list[str]) -> None:
+    notebooks = [Path(p).resolve() for p in paths] or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = RESULTS / "notebooks.json"
+    results = json.loads(report.read_text()) if report.exists() else {}
+    machine = f"{platform.machine()} CPU x{torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        machine = torch.cuda.get_device_name(0)
+    for path in notebooks:
+        print(f"running {path.name} ...", flush=True)
+        row = run(path)
+        results[path.name] = {**row, "machine": machine, "date": date.today().isoformat()}
+        print(f"  {row['seconds']:.0f} s, peak {row['peak_rss_mib']} MiB", flush=True)
+        report.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")  # keep what is done
+    (RESULTS / "notebooks.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,162 @@
+"""A small, readable training loop and the two measures the course reports.
+
+`train` is what a Trainer does, with nothing hidden: fixed data order from a seed,
+completion-only loss, AdamW (or any optimizer factory), a linear learning-rate decay,
+a tqdm bar and a loss history. `evaluate_exact_match` generates greedily in batches and
+scores the answers; `perplexity` is exp(mean loss) over the answer tokens.
+"""
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from course.data import IGNORE_INDEX, collate, exact_match, format_prompt, tokenize_for_training
+from course.memory import measure_peak
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one mean loss per optimizer step
+    seconds: float = 0.0  # wall time of all steps
+    tokens_per_second: float = 0.0  # input tokens (padding excluded) per second of training
+    peak_memory_bytes: int = 0  # from course.memory.measure_peak
+    steps: int = 0
+
+
+@dataclass
+class EvalResult:
+    exact_match: float
+    predictions: list[str]
+    references: list[str]
+
+
+def _batches(tokenized: list[dict], batch_size: int, steps: int, seed: int):
+    """`steps` batches in a seeded order, reshuffled after each pass over the data."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(tokenized), generator=generator).tolist()
+        yield [tokenized[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+
+
+def train(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int = 8,
+    optimizer: str | Callable = "adamw",
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the parameters of `model` that require grad for `steps` optimizer steps.
+
+    optimizer: "adamw" (torch.optim.AdamW) or a callable `params -> Optimizer`, e.g.
+    `lambda p: bnb.optim.PagedAdamW8bit(p, lr=1e-3)`. The learning rate decays linearly
+    to zero, as in the QLoRA recipe's short runs.
+    """
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (did you freeze everything and add no adapter?)")
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    elif callable(optimizer):
+        opt = optimizer(params)
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or a callable params -> Optimizer, got {optimizer!r}")
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
+    device = next(model.parameters()).device
+    tokenized = [tokenize_for_training(tokenizer, example) for example in dataset]
+    result = TrainResult(steps=steps)
+    tokens = 0
+
+    def run():
+        nonlocal tokens
+        model.train()
+        bar = tqdm(_batches(tokenized, batch_size, steps, seed), total=steps, desc="train", disable=not progress)
+        for batch in bar:
+            inputs = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
+            loss = model(**inputs).loss
+            loss.backward()
+            opt.step()
+            schedule.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += int(inputs["attention_mask"].sum())
+            result.losses.append(loss.item())
+            bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+        model.eval()
+
+    start = time.perf_counter()
+    _, result.peak_memory_bytes = measure_peak(run, device=device)
+    result.seconds = time.perf_counter() - start
+    result.tokens_per_second = tokens / result.seconds
+    return result
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, dataset, *, batch_size: int = 16, max_new_tokens: int | None = None,
+                     progress: bool = False) -> list[str]:
+    """Greedy answers for every example, batched with left padding.
+
+    Left padding keeps each prompt's last token at the end of the row, where generation
+    continues. max_new_tokens defaults to the longest reference answer plus 2 tokens
+    (its end-of-turn and one spare): a longer answer cannot be an exact match anyway,
+    and on a CPU every generated token of a batch costs a forward pass.
+    """
+    from transformers import GenerationConfig
+
+    if max_new_tokens is None:
+        max_new_tokens = 2 + max(len(tokenizer(ex["output"], add_special_tokens=False)["input_ids"]) for ex in dataset)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    device = next(model.parameters()).device
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers = []
+    try:
+        starts = range(0, len(dataset), batch_size)
+        for start in tqdm(starts, desc="generate", disable=not progress):
+            rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
+            prompts = [format_prompt(tokenizer, ex) for ex in rows]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, generation_config=config)  # (B, T_prompt + T_new)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    return [answer.strip() for answer in answers]
+
+
+def evaluate_exact_match(model, tokenizer, dataset, **kwargs) -> EvalResult:
+    """Exact match of greedy answers against the dataset's `output` column."""
+    predictions = generate_answers(model, tokenizer, dataset, **kwargs)
+    references = list(dataset["output"])
+    return EvalResult(exact_match(predictions, references), predictions, references)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, dataset, *, batch_size: int = 16) -> float:
+    """exp(mean negative log-likelihood) of the answer tokens, prompts excluded."""
+    device = next(model.parameters()).device
+    tokenized = [tokenize_for_training(tokenizer, example) for example in dataset]
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(tokenized), batch_size):
+        batch = collate(tokenized[start:start + batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        targets = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at position t-1
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += int((targets != IGNORE_INDEX).sum())
+    return math.exp(total_nll / total_tokens)

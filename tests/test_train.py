@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+import course
+from course import data, train
+
+
+@pytest.fixture
+def tiny():
+    return course.models.tiny_model(seed=0)
+
+
+def test_training_lowers_loss_and_reports(tiny, tokenizer):
+    dataset = data.load_task("ticket_routing", "train").select(range(8))
+    result = train.train(tiny, tokenizer, dataset, steps=12, lr=3e-3, batch_size=4, progress=False)
+    assert len(result.losses) == 12 and result.steps == 12
+    assert sum(result.losses[-3:]) / 3 < result.losses[0] * 0.8
+    assert result.seconds > 0 and result.tokens_per_second > 0 and result.peak_memory_bytes >= 0
+    assert not tiny.training
+
+
+def test_same_seed_same_losses(tokenizer):
+    dataset = data.load_task("ticket_routing", "train").select(range(12))
+    runs = [
+        train.train(course.models.tiny_model(seed=1), tokenizer, dataset, steps=3, lr=1e-3, batch_size=4,
+                    progress=False).losses
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_batches_cover_the_data_in_a_seeded_order():
+    items = [{"i": i} for i in range(10)]
+    batches = list(train._batches(items, batch_size=5, steps=2, seed=0))
+    assert sorted(x["i"] for b in batches for x in b) == list(range(10))
+    assert batches == list(train._batches(items, batch_size=5, steps=2, seed=0))
+
+
+def test_train_refuses_a_frozen_model_and_bad_arguments(tiny, tokenizer):
+    dataset = data.load_task("ticket_routing", "train").select(range(4))
+    with pytest.raises(ValueError, match="positive"):
+        train.train(tiny, tokenizer, dataset, steps=0, lr=1e-3)
+    with pytest.raises(ValueError, match="optimizer"):
+        train.train(tiny, tokenizer, dataset, steps=1, lr=1e-3, optimizer="sgd")
+    tiny.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train.train(tiny, tokenizer, dataset, steps=1, lr=1e-3)
+
+
+def test_custom_optimizer_factory_is_used(tiny, tokenizer):
+    dataset = data.load_task("ticket_routing", "train").select(range(4))
+    made = []
+
+    def sgd(params):
+        made.append(torch.optim.SGD(params, lr=0.1))
+        return made[-1]
+
+    train.train(tiny, tokenizer, dataset, steps=1, lr=0.1, batch_size=2, optimizer=sgd, progress=False)
+    assert len(made) == 1 and made[0].state_dict()["param_groups"][0]["lr"] == 0.0  # decayed to zero
+
+
+def test_perplexity_is_exp_of_the_models_own_loss(tiny, tokenizer):
+    dataset = data.load_task("event_extraction", "validation").select(range(1))
+    batch = data.collate([data.tokenize_for_training(tokenizer, dataset[0])], tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss = tiny(**batch).loss.item()
+    assert math.isclose(train.perplexity(tiny, tokenizer, dataset), math.exp(loss), rel_tol=1e-5)
+
+
+def test_evaluate_exact_match_generates_one_answer_per_example(tiny, tokenizer):
+    dataset = data.load_task("ticket_routing", "test").select(range(5))
+    result = train.evaluate_exact_match(tiny, tokenizer, dataset, batch_size=2, max_new_tokens=3)
+    assert len(result.predictions) == 5 and result.references == list(dataset["output"])
+    assert 0.0 <= result.exact_match <= 1.0
+    assert tokenizer.padding_side == "right"  # restored after left-padded generation
+
+
+def test_left_padding_does_not_change_greedy_answers(tiny, tokenizer):
+    dataset = data.load_task("ticket_routing", "test").select(range(4))
+    batched = train.generate_answers(tiny, tokenizer, dataset, batch_size=4, max_new_tokens=4)
+    single = train.generate_answers(tiny, tokenizer, dataset, batch_size=1, max_new_tokens=4)
+    assert batched == single
+
+
+def test_measure_peak_sees_a_large_allocation():
+    def allocate():
+        x = torch.ones(50_000_000)  # 200 MB
+        return float(x[-1])
+
+    result, peak = course.memory.measure_peak(allocate)
+    assert result == 1.0
+    assert peak > 150e6
