@@ -9,8 +9,20 @@ import importlib
 __version__ = "0.1.0"
 
 _MODULES = (
-    "env", "models", "data", "lora", "quant", "optim", "memory", "train",
-    "plots", "widgets", "checks", "exercises", "variants", "serving",
+    "env",
+    "models",
+    "data",
+    "lora",
+    "quant",
+    "optim",
+    "memory",
+    "train",
+    "plots",
+    "widgets",
+    "checks",
+    "exercises",
+    "variants",
+    "serving",
 )
 
 
