@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 KERNEL := peft-workbook
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env
+# JupyterLab refuses to start as root (containers, CI) unless told it is on purpose.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -30,7 +32,7 @@ setup: $(STAMP)
 	$(BIN)/python -m course.models
 
 lab: setup exercises
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(LAB_ARGS) notebooks/
 
 test: setup lint unit nbval
 

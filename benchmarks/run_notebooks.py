@@ -11,7 +11,6 @@ a markdown table beside it, for the instructor section of notebooks/README.md.
 
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -37,7 +36,9 @@ def run(path: Path) -> dict:
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, str(path), KERNEL, str(path.parent)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
@@ -49,8 +50,10 @@ def run(path: Path) -> dict:
 def markdown(results: dict) -> str:
     lines = ["| notebook | wall time | peak memory (kernel RSS) | measured on |", "|---|---|---|---|"]
     for name, row in sorted(results.items()):
-        lines.append(f"| {name} | {row['seconds'] / 60:.1f} min ({row['seconds']:.0f} s) | "
-                     f"{row['peak_rss_mib']:,} MiB | {row['machine']}, {row['date']} |")
+        lines.append(
+            f"| {name} | {row['seconds'] / 60:.1f} min ({row['seconds']:.0f} s) | "
+            f"{row['peak_rss_mib']:,} MiB | {row['machine']}, {row['date']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

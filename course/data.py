@@ -57,17 +57,72 @@ TASKS = {
 # --- event_extraction -------------------------------------------------------------------
 
 PEOPLE = [
-    "Olu", "Mia", "Ravi", "Chen", "Sofia", "Liam", "Aisha", "Noah", "Yuki", "Elena", "Omar", "Grace",
-    "Mateo", "Priya", "Lucas", "Zara", "Ivan", "Nadia", "Tom", "Leila", "Kofi", "Hana", "Diego",
-    "Amara", "Felix", "Ines", "Sam", "Mei", "Jonas", "Rosa",
+    "Olu",
+    "Mia",
+    "Ravi",
+    "Chen",
+    "Sofia",
+    "Liam",
+    "Aisha",
+    "Noah",
+    "Yuki",
+    "Elena",
+    "Omar",
+    "Grace",
+    "Mateo",
+    "Priya",
+    "Lucas",
+    "Zara",
+    "Ivan",
+    "Nadia",
+    "Tom",
+    "Leila",
+    "Kofi",
+    "Hana",
+    "Diego",
+    "Amara",
+    "Felix",
+    "Ines",
+    "Sam",
+    "Mei",
+    "Jonas",
+    "Rosa",
 ]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 PLACES = [
-    "the gym", "the library", "Cafe Luna", "the office", "room 204", "the park", "Blue Door Bar",
-    "the station", "the lab", "Pizza Roma", "the pool", "the clinic", "Hall B", "the airport",
-    "the market", "Studio 9", "the museum", "her flat", "the bakery", "the stadium",
+    "the gym",
+    "the library",
+    "Cafe Luna",
+    "the office",
+    "room 204",
+    "the park",
+    "Blue Door Bar",
+    "the station",
+    "the lab",
+    "Pizza Roma",
+    "the pool",
+    "the clinic",
+    "Hall B",
+    "the airport",
+    "the market",
+    "Studio 9",
+    "the museum",
+    "her flat",
+    "the bakery",
+    "the stadium",
 ]
-ACTIVITIES = ["Meeting", "Lunch", "Coffee", "Dinner", "Call", "Study session", "Run", "Interview", "Review", "Drinks"]
+ACTIVITIES = [
+    "Meeting",
+    "Lunch",
+    "Coffee",
+    "Dinner",
+    "Call",
+    "Study session",
+    "Run",
+    "Interview",
+    "Review",
+    "Drinks",
+]
 EVENT_TEMPLATES = [
     "{day} {time} - {activity} with {person} at {place}",
     "{activity} w/ {person} @ {place}, {day} {time}",
@@ -147,7 +202,9 @@ def _ticket_example(rng: random.Random) -> dict:
     if greeting and not body.startswith("I "):
         body = body[0].lower() + body[1:]
     closing = rng.choice(URGENT if high else CALM)
-    message = f"{greeting}{body} {closing.capitalize()}" if body.endswith("?") else f"{greeting}{body}, {closing}"
+    message = (
+        f"{greeting}{body} {closing.capitalize()}" if body.endswith("?") else f"{greeting}{body}, {closing}"
+    )
     return {"input": message, "output": f"team: {team} | priority: {'high' if high else 'normal'}"}
 
 
@@ -172,7 +229,9 @@ def generate(name: str, seed: int = SEED) -> dict[str, list[dict]]:
     if name == "ticket_routing":
         return {split: _unique(lambda: _ticket_example(rng), n, seen) for split, n in SPLIT_SIZES.items()}
     splits = {
-        "train": _unique(lambda: _event_example(rng, rng.random() < TRAIN_12H_SHARE), SPLIT_SIZES["train"], seen),
+        "train": _unique(
+            lambda: _event_example(rng, rng.random() < TRAIN_12H_SHARE), SPLIT_SIZES["train"], seen
+        ),
         "validation": _unique(lambda: _event_example(rng, False), SPLIT_SIZES["validation"], seen),
         "test": _unique(lambda: _event_example(rng, False), SPLIT_SIZES["test"], seen),
     }
@@ -233,7 +292,9 @@ def tokenize_for_training(tokenizer, example: dict) -> dict:
     -> input_ids [5, 6, 7, 8, 9, 2], labels [-100, -100, -100, 8, 9, 2].
     """
     prompt_ids = tokenizer(format_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(example["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    answer_ids = tokenizer(example["output"], add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
 
 

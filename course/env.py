@@ -58,7 +58,11 @@ def _version(package: str) -> str:
 def report() -> None:
     """Print versions, device and threads: the first output of every notebook."""
     device = pick_device()
-    print(f"python {platform.python_version()}  " + "  ".join(f"{p} {_version(p)}" for p in REPORTED_PACKAGES))
+    print(
+        f"python {platform.python_version()}  " + "  ".join(f"{p} {_version(p)}" for p in REPORTED_PACKAGES)
+    )
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.machine()
-    print(f"device {device} ({name}), compute dtype {str(compute_dtype(device)).removeprefix('torch.')}, "
-          f"torch threads {torch.get_num_threads()}, colab {in_colab()}")
+    print(
+        f"device {device} ({name}), compute dtype {str(compute_dtype(device)).removeprefix('torch.')}, "
+        f"torch threads {torch.get_num_threads()}, colab {in_colab()}"
+    )

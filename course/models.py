@@ -17,9 +17,8 @@ import os
 import shutil
 import sys
 import tempfile
-from pathlib import Path
-
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -104,7 +103,9 @@ def convert_embedded(dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config = gguf_model.config
         del config.quantization_config  # the GGUF quantizer would refuse save_pretrained

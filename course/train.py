@@ -57,25 +57,33 @@ def train(
     weight_decay: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    total_steps: int | None = None,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad for `steps` optimizer steps.
 
     optimizer: "adamw" (torch.optim.AdamW) or a callable `params -> Optimizer`, e.g.
     `lambda p: bnb.optim.PagedAdamW8bit(p, lr=1e-3)`. The learning rate decays linearly
-    to zero, as in the QLoRA recipe's short runs.
+    to zero, as in the QLoRA recipe's short runs. total_steps (default: steps) is the length
+    of that schedule: `steps=4, total_steps=30` runs exactly the first 4 steps of a 30-step
+    run (same batches, same learning rates), e.g. to compare two implementations cheaply.
     """
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters (did you freeze everything and add no adapter?)")
+        raise ValueError(
+            "the model has no trainable parameters (did you freeze everything and add no adapter?)"
+        )
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     elif callable(optimizer):
         opt = optimizer(params)
     else:
         raise ValueError(f"optimizer must be 'adamw' or a callable params -> Optimizer, got {optimizer!r}")
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
+    total_steps = steps if total_steps is None else total_steps
+    if total_steps < steps:
+        raise ValueError(f"total_steps ({total_steps}) must be at least steps ({steps})")
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / total_steps)
     device = next(model.parameters()).device
     tokenized = [tokenize_for_training(tokenizer, example) for example in dataset]
     result = TrainResult(steps=steps)
@@ -84,7 +92,9 @@ def train(
     def run():
         nonlocal tokens
         model.train()
-        bar = tqdm(_batches(tokenized, batch_size, steps, seed), total=steps, desc="train", disable=not progress)
+        bar = tqdm(
+            _batches(tokenized, batch_size, steps, seed), total=steps, desc="train", disable=not progress
+        )
         for batch in bar:
             inputs = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
             loss = model(**inputs).loss
@@ -105,8 +115,15 @@ def train(
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, dataset, *, batch_size: int = 16, max_new_tokens: int | None = None,
-                     progress: bool = False) -> list[str]:
+def generate_answers(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    progress: bool = False,
+) -> list[str]:
     """Greedy answers for every example, batched with left padding.
 
     Left padding keeps each prompt's last token at the end of the row, where generation
@@ -117,9 +134,15 @@ def generate_answers(model, tokenizer, dataset, *, batch_size: int = 16, max_new
     from transformers import GenerationConfig
 
     if max_new_tokens is None:
-        max_new_tokens = 2 + max(len(tokenizer(ex["output"], add_special_tokens=False)["input_ids"]) for ex in dataset)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        max_new_tokens = 2 + max(
+            len(tokenizer(ex["output"], add_special_tokens=False)["input_ids"]) for ex in dataset
+        )
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     device = next(model.parameters()).device
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers = []
@@ -130,7 +153,7 @@ def generate_answers(model, tokenizer, dataset, *, batch_size: int = 16, max_new
             prompts = [format_prompt(tokenizer, ex) for ex in rows]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, generation_config=config)  # (B, T_prompt + T_new)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = padding_side
     return [answer.strip() for answer in answers]
@@ -150,12 +173,17 @@ def perplexity(model, tokenizer, dataset, *, batch_size: int = 16) -> float:
     tokenized = [tokenize_for_training(tokenizer, example) for example in dataset]
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(tokenized), batch_size):
-        batch = collate(tokenized[start:start + batch_size], tokenizer.pad_token_id)
+        batch = collate(tokenized[start : start + batch_size], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits  # (B, T, V)
         targets = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at position t-1
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits[:, :-1].flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         total_nll += nll.item()
         total_tokens += int((targets != IGNORE_INDEX).sum())

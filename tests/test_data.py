@@ -25,7 +25,7 @@ def test_split_sizes_and_no_leakage(task):
         inputs[split] = set(dataset["input"])
     splits = list(inputs)
     for i, a in enumerate(splits):
-        for b in splits[i + 1:]:
+        for b in splits[i + 1 :]:
             assert not inputs[a] & inputs[b], f"{a} and {b} share examples"
 
 

@@ -25,7 +25,9 @@ def test_grader_passes_reference_and_fails_stub(notebook, index, source):
 
 
 def test_strip_solutions_keeps_indentation_and_everything_else():
-    source = "import math\n\ndef f(x):\n    # BEGIN SOLUTION\n    return x + 1\n    # END SOLUTION\n\ncheck(f)"
+    source = (
+        "import math\n\ndef f(x):\n    # BEGIN SOLUTION\n    return x + 1\n    # END SOLUTION\n\ncheck(f)"
+    )
     assert exercises.strip_solutions(source) == (
         'import math\n\ndef f(x):\n    raise NotImplementedError("Your turn")\n\ncheck(f)'
     )
@@ -33,7 +35,11 @@ def test_strip_solutions_keeps_indentation_and_everything_else():
 
 @pytest.mark.parametrize(
     "source",
-    ["# BEGIN SOLUTION\nx = 1", "x = 1\n# END SOLUTION", "# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION"],
+    [
+        "# BEGIN SOLUTION\nx = 1",
+        "x = 1\n# END SOLUTION",
+        "# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION",
+    ],
 )
 def test_unbalanced_markers_are_refused(source):
     with pytest.raises(ValueError, match="SOLUTION"):

@@ -13,7 +13,9 @@ def _name(requirement: str) -> str:
 
 def _pyproject_names() -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    requirements = project["dependencies"] + [
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
     return {_name(r) for r in requirements}
 
 
@@ -29,7 +31,9 @@ def _constraints() -> dict[str, str]:
 def _environment_names() -> set[str]:
     lines = (ROOT / "environment.yml").read_text().splitlines()
     start = lines.index("  - pip:")
-    return {_name(line.strip().removeprefix("- ")) for line in lines[start + 1:] if line.strip().startswith("- ")}
+    return {
+        _name(line.strip().removeprefix("- ")) for line in lines[start + 1 :] if line.strip().startswith("- ")
+    }
 
 
 def test_pyproject_environment_and_constraints_name_the_same_packages():

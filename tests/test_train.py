@@ -24,8 +24,15 @@ def test_training_lowers_loss_and_reports(tiny, tokenizer):
 def test_same_seed_same_losses(tokenizer):
     dataset = data.load_task("ticket_routing", "train").select(range(12))
     runs = [
-        train.train(course.models.tiny_model(seed=1), tokenizer, dataset, steps=3, lr=1e-3, batch_size=4,
-                    progress=False).losses
+        train.train(
+            course.models.tiny_model(seed=1),
+            tokenizer,
+            dataset,
+            steps=3,
+            lr=1e-3,
+            batch_size=4,
+            progress=False,
+        ).losses
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
