@@ -7,6 +7,7 @@ the peak of `fn` minus the resident size at its start is the memory `fn` added,
 allocator and library overheads included.
 """
 
+import ctypes
 import json
 import re
 import resource
@@ -35,6 +36,17 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_free_memory() -> None:
+    """Hand memory that the C allocator keeps after frees back to the OS (glibc only).
+
+    Otherwise `fn` may reuse pages that are already resident and its peak would read low.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure_peak(fn, *, device: torch.device | str | None = None):
     """Run `fn()` and return `(result, peak_bytes)`: the peak memory `fn` added.
 
@@ -52,6 +64,7 @@ def measure_peak(fn, *, device: torch.device | str | None = None):
         torch.cuda.synchronize(device)
         return result, torch.cuda.max_memory_allocated(device) - start
 
+    _release_free_memory()
     if _reset_peak_rss():
         start_kb = _proc_status_kb("VmRSS")
         result = fn()

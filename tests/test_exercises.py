@@ -1,13 +1,21 @@
 """Every exercise in every notebook: its grader passes the reference and fails the stub."""
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
+import course
 from course import exercises
 
 NOTEBOOKS = sorted(exercises.NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 CELLS = [(path.name, i, src) for path in NOTEBOOKS for i, src in enumerate(exercises.exercise_cells(path))]
+
+
+def _namespace() -> dict:
+    """What an exercise cell may rely on: the course package, torch and math (and nothing else)."""
+    return {"course": course, "torch": torch, "math": math}
 
 
 def test_every_notebook_after_setup_has_an_exercise():
@@ -19,9 +27,9 @@ def test_every_notebook_after_setup_has_an_exercise():
 @pytest.mark.parametrize(("notebook", "index", "source"), CELLS, ids=[f"{n}-{i}" for n, i, _ in CELLS])
 def test_grader_passes_reference_and_fails_stub(notebook, index, source):
     assert "course.checks.check_" in source, f"{notebook} exercise {index} calls no grader"
-    exec(compile(source, f"{notebook}[{index}]", "exec"), {})  # the reference solution passes
+    exec(compile(source, f"{notebook}[{index}]", "exec"), _namespace())  # the reference solution passes
     with pytest.raises(AssertionError, match="not implemented yet"):
-        exec(compile(exercises.strip_solutions(source), f"{notebook}[{index}] stub", "exec"), {})
+        exec(compile(exercises.strip_solutions(source), f"{notebook}[{index}] stub", "exec"), _namespace())
 
 
 def test_strip_solutions_keeps_indentation_and_everything_else():
