@@ -22,9 +22,10 @@ from torch import nn
 
 # --- codebooks ------------------------------------------------------------------------
 
-NF4_OFFSET = 0.9677083  # bitsandbytes `create_normal_map(offset=0.9677083)`, "empirically optimized";
-# it equals 1 - (1/30 + 1/32) / 2: halfway between the last probability of the QLoRA eq. 4
-# construction for 15 and for 16 bins, so that the extreme quantile stays finite.
+# bitsandbytes `create_normal_map(offset=0.9677083)`, "empirically optimized": the largest
+# probability whose normal quantile becomes the code value 1.0. It equals 1 - (1/30 + 1/32) / 2;
+# bitsandbytes gives no derivation.
+NF4_OFFSET = 0.9677083
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' 4-bit blocksizes
 QUANT_TYPES = ("nf4", "fp4", "int4")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -125,15 +126,14 @@ class Quantized4bit:
 
 
 def _check_input(x: torch.Tensor, blocksize: int, allowed: tuple | None = VALID_BLOCKSIZES) -> None:
-    name = "x"
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor (fp32, fp16 or bf16), got {x.dtype}")
+        raise ValueError(f"x must be a floating-point tensor (fp32, fp16 or bf16), got {x.dtype}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name} has dtype {x.dtype}; bitsandbytes supports fp32, fp16, bf16: use x.float()")
+        raise ValueError(f"x has dtype {x.dtype}; bitsandbytes supports fp32, fp16, bf16: use x.float()")
     if x.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): there is nothing to quantize")
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}): there is nothing to quantize")
     _check_blocksize(blocksize, allowed)
 
 
@@ -212,12 +212,14 @@ def quantize_blockwise_8bit(
 ) -> tuple[torch.Tensor, State8bit]:
     """8-bit blockwise quantization with a 256-value code (default: the signed dynamic map).
 
-    Returns uint8 indices of x's shape and a `State8bit` (fp32 absmax per block). Exact
-    nearest-code rounding by default. bitsandbytes' CPU kernel instead rounds through a
+    Returns uint8 indices of x's shape and a `State8bit` (fp32 absmax per block). Values are
+    scaled by multiplying with 1/absmax, as the C kernel does, then rounded to the nearest
+    code (exact, the default). bitsandbytes' CPU kernel instead rounds through a
     65,536-entry table: slot k = floor((v + 1) * 32767.5 + 0.5) holds the code nearest to
     -1 + 2k/65535, so a value within half a slot (1.5e-5) of a decision boundary, or in the
     dense region near 0, can land up to 3 codes away. `emulate_cpu_lut=True` reproduces that
-    table (measured: identical on 1M values); it is an aside, not how the format is defined.
+    table (identical on every input we measured: random normal values, the absmax values of all
+    of SmolLM2's linear layers); it is an aside, not how the format is defined.
     """
     _check_input(x, blocksize, allowed=None)
     code = dynamic_code(signed=True) if code is None else code.float()
@@ -243,7 +245,7 @@ def dequantize_blockwise_8bit(q: torch.Tensor, state: State8bit) -> torch.Tensor
 
 
 def pack_nibbles(idx: torch.Tensor) -> torch.Tensor:
-    """Pack 4-bit indices two per byte: element 2i high nibble, 2i+1 low; odd count padded."""
+    """Pack an even count of 4-bit indices two per byte: element 2i high nibble, 2i+1 low."""
     idx = idx.reshape(-1).to(torch.uint8)
     if idx.numel() % 2:
         raise ValueError("pack_nibbles needs an even count; pad with the index of 0.0 first")
@@ -433,4 +435,22 @@ def quantize_linear_layers(model: nn.Module, skip: tuple = ("lm_head",), **quant
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Linear4bit.from_linear(module, **quant_kwargs))
+    return [name for name, _ in targets]
+
+
+def dequantize_linear_layers(model: nn.Module) -> list[str]:
+    """Replace every `Linear4bit` of `model` (in place) by an `nn.Linear` holding its decoded weight.
+
+    The forward math is unchanged (Linear4bit computes exactly F.linear(x, dequantized W));
+    only the decoding happens once instead of at every call. Useful for token-by-token
+    generation on CPU, where re-decoding every weight at each step dominates the time.
+    """
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, Linear4bit)]
+    for name, module in targets:
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight = nn.Parameter(dequantize_4bit(module.weight_q), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
     return [name for name, _ in targets]

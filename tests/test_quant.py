@@ -374,3 +374,47 @@ def test_bad_input(x, kwargs, message):
 def test_nan_refused_in_8bit_too():
     with pytest.raises(ValueError, match="NaN or inf"):
         Q.quantize_blockwise_8bit(torch.tensor([0.5, float("nan")]))
+
+
+def test_dequantize_linear_layers_keeps_the_outputs():
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    Q.quantize_linear_layers(model, quant_type="fp4", double_quant=True)
+    x = torch.randn(4, 64)
+    y = model(x)
+    assert Q.dequantize_linear_layers(model) == ["0", "2"]
+    assert type(model[0]) is torch.nn.Linear and not model[0].weight.requires_grad
+    assert torch.equal(model(x), y)  # decoding once = decoding at every call
+
+
+# --- figures and widget of notebooks 04 / 05 ----------------------------------------------
+
+
+def test_quant_figures_and_widget_fallback(capsys, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from course import plots, widgets
+
+    figures = [
+        plots.codes_on_normal({"INT4": Q.INT4_CODE, "NF4": Q.NF4_CODE}, sigma=0.54),
+        plots.weight_histogram(torch.randn(1000), "title"),
+        plots.error_vs_blocksize({"NF4": {32: 1e-4, 64: 2e-4}, "INT4": {32: 2e-4, 64: 3e-4}}),
+        plots.error_histogram(torch.randn(100), "title"),
+        plots.dynamic_code_and_values(Q.dynamic_code(), torch.rand(100)),
+        plots.storage_breakdown(
+            {"NF4": {"packed": 4.0, "absmax": 0.5}, "NF4 + DQ": {"packed": 4.0, "absmax": 0.127}}
+        ),
+    ]
+    assert all(fig.dpi <= 100 for fig in figures)
+    plt.close("all")
+
+    monkeypatch.setenv("COURSE_WIDGETS", "0")
+    assert not widgets.has_frontend()
+    widgets.quant_error_explorer({("NF4", 64): torch.tensor([0.1, -0.2])})
+    assert "NF4   blocksize    64: MSE 2.500e-02, max |error| 2.000e-01" in capsys.readouterr().out
+    monkeypatch.delenv("COURSE_WIDGETS")
+    monkeypatch.setenv("JPY_SESSION_NAME", "notebooks/04_nf4_quantization.ipynb")  # set by Jupyter Server
+    assert widgets.has_frontend()
