@@ -14,23 +14,17 @@ import json
 import os
 import platform
 import statistics
-import time
 from importlib import metadata
 from pathlib import Path
 
 import bitsandbytes.functional as bnbF
 import torch
+from timing import interleaved_times
 
 from course import quant
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = 0.5  # issue 4: ours at least half of bitsandbytes' throughput
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,10 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for fn in steps.values():  # warm-up: allocator, thread pools
         fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):  # interleaved, so both sides share the same load
-        for name, fn in steps.items():
-            times[name].append(_timed(fn))
+    times = interleaved_times(steps, args.repeats)
     medians = {name: statistics.median(t) for name, t in times.items()}
     ratio = medians["bnb round trip"] / medians["ours round trip"]
     report = {

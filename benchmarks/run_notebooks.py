@@ -1,9 +1,10 @@
 """Execute each notebook and record its wall time and peak memory.
 
-    python benchmarks/run_notebooks.py [notebooks/03_*.ipynb ...]
+    python benchmarks/run_notebooks.py [--store] [notebooks/03_*.ipynb ...]
 
-Each notebook runs in a fresh child process (with its own Jupyter kernel) on a copy,
-so the stored outputs are untouched. Peak memory is the largest resident set of the
+Each notebook runs in a fresh child process (with its own Jupyter kernel). The stored
+outputs are untouched unless `--store` is given: then the executed notebook is written
+back, so one run both times a notebook and stores the outputs its current code prints. Peak memory is the largest resident set of the
 kernel process (RUSAGE_CHILDREN of the child, which waits for its kernel). Results go
 to benchmarks/results/notebooks.json (merged with earlier runs of other notebooks) and
 a markdown table beside it, for the instructor section of notebooks/README.md.
@@ -28,14 +29,16 @@ import resource, sys, nbformat
 from nbclient import NotebookClient
 nb = nbformat.read(sys.argv[1], as_version=4)
 NotebookClient(nb, kernel_name=sys.argv[2], timeout=3600, resources={"metadata": {"path": sys.argv[3]}}).execute()
+if sys.argv[4] == "store":
+    nbformat.write(nb, sys.argv[1])
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
-def run(path: Path) -> dict:
+def run(path: Path, store: bool = False) -> dict:
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(path), KERNEL, str(path.parent)],
+        [sys.executable, "-c", _CHILD, str(path), KERNEL, str(path.parent), "store" if store else "time"],
         capture_output=True,
         text=True,
         check=False,
@@ -57,7 +60,9 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(paths: list[str]) -> None:
+def main(args: list[str]) -> None:
+    store = "--store" in args
+    paths = [a for a in args if a != "--store"]
     notebooks = [Path(p).resolve() for p in paths] or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = RESULTS / "notebooks.json"
@@ -67,7 +72,7 @@ def main(paths: list[str]) -> None:
         machine = torch.cuda.get_device_name(0)
     for path in notebooks:
         print(f"running {path.name} ...", flush=True)
-        row = run(path)
+        row = run(path, store)
         results[path.name] = {**row, "machine": machine, "date": date.today().isoformat()}
         print(f"  {row['seconds']:.0f} s, peak {row['peak_rss_mib']} MiB", flush=True)
         report.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")  # keep what is done

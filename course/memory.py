@@ -82,20 +82,15 @@ def rss_bytes() -> int | None:
 
 
 def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim).
+    """Collect garbage, then hand freed heap pages back to the OS (as `measure_peak` does first).
 
-    Freed tensors often stay resident in the allocator's heap; the next `measure_peak` would
-    then reuse them without the RSS growing and report too little. Call this before a
-    measurement, and before reading `rss_bytes()` for what stays allocated after one.
+    Freed tensors often stay resident in the allocator's heap. Call this before reading
+    `rss_bytes()` for what stays allocated after a piece of work (gradients, optimizer states).
     """
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+    _release_free_memory()
 
 
 def saved_tensor_bytes(fn, *, exclude=()):
@@ -166,6 +161,18 @@ class ModelConfig:
             if isinstance(config, dict)
             else lambda key, default=None: getattr(config, key, default)
         )
+        required = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+        )
+        missing = [key for key in required if not isinstance(get(key), int)]
+        if missing:
+            raise ValueError(
+                f"a Llama-style config needs integer {', '.join(required)}; missing or not int: {missing}"
+            )
         heads = get("num_attention_heads")
         return cls(
             name=get("name") or get("_name_or_path") or get("model_type") or "model",

@@ -14,7 +14,7 @@ def memory_bars(estimates: dict, unit: float = 2**30, unit_name: str = "GiB", ti
 
     fig = None
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
+        fig, ax = plt.subplots(figsize=(7, 3), dpi=80)
     labels = list(estimates)
     components = list(dict.fromkeys(c for parts in estimates.values() for c in parts))
     bottom = [0.0] * len(labels)
@@ -23,11 +23,18 @@ def memory_bars(estimates: dict, unit: float = 2**30, unit_name: str = "GiB", ti
         ax.bar(labels, heights, bottom=bottom, color=f"C{i}", label=component)
         bottom = [a + b for a, b in zip(bottom, heights, strict=True)]
     for x, total in enumerate(bottom):
-        ax.text(x, total, f"{total:,.1f}", ha="center", va="bottom", fontsize=8)
+        ax.text(
+            x,
+            total,
+            f"{total:,.0f}" if total >= 100 else f"{total:,.1f}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_ylabel(unit_name)
     ax.set_ylim(0, max(bottom) * 1.15)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if fig is not None:
         fig.tight_layout()
     return ax.figure

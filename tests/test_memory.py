@@ -20,6 +20,13 @@ def test_every_shipped_config_loads_and_says_where_it_comes_from():
         assert config.hidden_size % config.num_attention_heads == 0
 
 
+def test_a_config_without_the_needed_numbers_is_refused():
+    with pytest.raises(ValueError, match="missing or not int: \\['intermediate_size'\\]"):
+        memory.ModelConfig.from_any(
+            {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 9}
+        )
+
+
 def test_unknown_config_lists_the_known_ones():
     with pytest.raises(ValueError, match="Unknown model config 'gpt-5'.*llama-2-7b"):
         memory.load_model_config("gpt-5")

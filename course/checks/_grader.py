@@ -1,0 +1,35 @@
+"""The grader pattern every `check_<exercise>` shares."""
+
+from collections.abc import Callable
+
+
+class _Grader:
+    """Context for one grader: turns NotImplementedError and mismatches into clear failures."""
+
+    def __init__(self, exercise: str):
+        self.exercise = exercise
+
+    def call(self, fn: Callable, *args):
+        try:
+            return fn(*args)
+        except NotImplementedError:
+            raise AssertionError(
+                f"{self.exercise}: not implemented yet. Replace the `raise NotImplementedError` with your code."
+            ) from None
+
+    def expect(self, condition: bool, hint: str) -> None:
+        if not condition:
+            raise AssertionError(f"{self.exercise}: {hint}")
+
+    def passed(self, cases: int) -> None:
+        print(f"\N{CHECK MARK} {self.exercise}: correct on {cases} cases.")
+
+
+def _run(grader: _Grader, fn: Callable, args: tuple, call: str):
+    """grader.call, plus: an exception inside the learner's code becomes a failure that names the input."""
+    try:
+        return grader.call(fn, *args)
+    except AssertionError:
+        raise
+    except Exception as err:  # a shape mismatch, a typo: say where, not a traceback from the grader
+        raise AssertionError(f"{grader.exercise}: {call} raised {type(err).__name__}: {err}") from None
