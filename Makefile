@@ -48,8 +48,7 @@ nbval: setup
 
 # Re-execute every notebook (or NB=notebooks/04_...ipynb) in place with the course kernel.
 notebooks: setup
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	  --ExecutePreprocessor.kernel_name=$(KERNEL) --ExecutePreprocessor.timeout=1800 $(or $(NB),$(NOTEBOOKS))
+	$(BIN)/python benchmarks/run_notebooks.py --store $(or $(NB),$(NOTEBOOKS))
 
 exercises: setup
 	$(BIN)/python -m course.exercises
