@@ -19,7 +19,11 @@ from course.checks.lora import (
     check_lora_parameter_count,
     check_target_modules,
 )
+from course.checks.optim import check_quantize_state_block, check_state_bytes
+from course.checks.qlora import check_qlora_bnb_config, check_qlora_targets
 from course.checks.quant import check_bits_per_param, check_nf4_code, check_pack_nibbles, check_quantize_block
+from course.checks.serving import check_route_requests
 from course.checks.setup import check_exact_match
+from course.checks.variants import check_group_pool, check_s2_shift
 
 __all__ = [name for name in dir() if name.startswith("check_")]
