@@ -269,17 +269,48 @@ def save_adapter(model: nn.Module, path: str | Path) -> int:
     return Path(path).stat().st_size
 
 
+def _check_adapter_fits(model: nn.Module, state: dict[str, torch.Tensor], targets: list[str], r: int) -> None:
+    """ValueError unless every target exists in `model` with the shapes the adapter's A (r, in), B (out, r) need."""
+    modules = dict(model.named_modules())
+    for name in targets:
+        a, b = state.get(f"{name}.lora_A.weight"), state.get(f"{name}.lora_B.weight")
+        if a is None or b is None:
+            raise ValueError(f"the adapter file lists {name!r} as a target but holds no lora_A/lora_B for it")
+        if a.shape[0] != r or b.shape[1] != r:
+            raise ValueError(
+                f"the adapter says rank r={r} but {name} holds A {tuple(a.shape)} and B {tuple(b.shape)}: "
+                "the file was saved for another rank (or edited); save it again with save_adapter"
+            )
+        module = modules.get(name)
+        if module is None or not _is_linear(module):
+            raise ValueError(
+                f"this adapter was saved for another base model: it adapts {name!r}, which this "
+                f"{type(model).__name__} does not have as a linear layer. Load it onto the model it was trained on."
+            )
+        want = (b.shape[0], a.shape[1])  # (out_features, in_features) the adapter was trained for
+        if (module.out_features, module.in_features) != want:
+            raise ValueError(
+                f"this adapter was saved for another base model: {name} was {want[1]}->{want[0]} there, "
+                f"{module.in_features}->{module.out_features} here. Load it onto the model it was trained on."
+            )
+
+
 def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
-    """Add LoRA to a fresh base `model` as recorded in `path` and load its weights (strictly)."""
+    """Add LoRA to a fresh base `model` as recorded in `path` and load its weights (strictly).
+
+    An adapter saved for another base (a target layer missing or of another shape) or whose
+    tensors disagree with its recorded rank is refused with a ValueError before the model is touched.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-    names = add_lora(
-        model, metadata["target_modules"].split(","), r=int(metadata["r"]), alpha=float(metadata["alpha"])
-    )
+    targets, r = metadata["target_modules"].split(","), int(metadata["r"])
     state = load_file(str(path))
+    # Check before add_lora, so a refused adapter leaves the model as it was.
+    _check_adapter_fits(model, state, targets, r)
+    names = add_lora(model, targets, r=r, alpha=float(metadata["alpha"]))
     expected = set(lora_state_dict(model))
     if set(state) != expected:
         raise ValueError(

@@ -2,14 +2,18 @@
 
 `train` is what a Trainer does, with nothing hidden: fixed data order from a seed,
 completion-only loss, AdamW (or any optimizer factory), a linear learning-rate decay,
-a tqdm bar and a loss history. `evaluate_exact_match` generates greedily in batches and
+a tqdm bar, a loss history and, when asked, checkpoints it resumes from after an
+interruption. `evaluate_exact_match` generates greedily in batches and
 scores the answers; `perplexity` is exp(mean loss) over the answer tokens.
 """
 
+import itertools
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +29,7 @@ class TrainResult:
     tokens_per_second: float = 0.0  # input tokens (padding excluded) per second of training
     peak_memory_bytes: int = 0  # from course.memory.measure_peak
     steps: int = 0
+    resumed_from: int = 0  # the step of the checkpoint this run resumed from (0: a fresh start)
 
 
 @dataclass
@@ -45,6 +50,43 @@ def _batches(tokenized: list[dict], batch_size: int, steps: int, seed: int):
         order = order[batch_size:]
 
 
+CHECKPOINT_PREFIX = "step-"  # checkpoint files: step-000012.pt (zero-padded: sorted names = sorted steps)
+
+
+def _checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"{CHECKPOINT_PREFIX}{step:06d}.pt"
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint in `folder`, or None.
+
+    Only finished files count: a checkpoint is written under a temporary name and renamed
+    when complete, so a run killed while saving leaves at most a stray `.tmp` file.
+    """
+    paths = sorted(Path(folder).glob(f"{CHECKPOINT_PREFIX}[0-9]*.pt"))
+    return paths[-1] if paths else None
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(folder: Path, state: dict) -> Path:
+    """Write `state` atomically (temporary file, fsync, rename) and delete older checkpoints."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = _checkpoint_path(folder, state["step"])
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new one
+    for old in folder.glob(f"{CHECKPOINT_PREFIX}[0-9]*.pt"):
+        if old != path:
+            old.unlink()
+    return path
+
+
 def train(
     model,
     tokenizer,
@@ -58,6 +100,8 @@ def train(
     seed: int = 0,
     progress: bool = True,
     total_steps: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 10,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad for `steps` optimizer steps.
 
@@ -66,6 +110,14 @@ def train(
     to zero, as in the QLoRA recipe's short runs. total_steps (default: steps) is the length
     of that schedule: `steps=4, total_steps=30` runs exactly the first 4 steps of a 30-step
     run (same batches, same learning rates), e.g. to compare two implementations cheaply.
+
+    checkpoint_dir: save a checkpoint there every `checkpoint_every` steps and after the last
+    one (trainable parameters, optimizer and schedule states, RNG state, losses so far), and
+    resume from the newest one when it exists. The batches are a function of the seed and
+    the step, so the resumed run sees exactly the batches the interrupted one would have:
+    interrupted + resumed ends where an uninterrupted run with the same seed ends. A
+    checkpoint saved with another lr, batch size, seed, schedule or dataset size, or for
+    other trainable parameters, is refused with a ValueError instead of being mixed in.
     """
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}")
@@ -84,18 +136,44 @@ def train(
     if total_steps < steps:
         raise ValueError(f"total_steps ({total_steps}) must be at least steps ({steps})")
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / total_steps)
+    if checkpoint_every <= 0:
+        raise ValueError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every}")
     device = next(model.parameters()).device
     tokenized = [tokenize_for_training(tokenizer, example) for example in dataset]
     result = TrainResult(steps=steps)
+    config = {
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "total_steps": total_steps,
+        "examples": len(tokenized),
+    }
+    folder = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if folder is not None and (path := latest_checkpoint(folder)) is not None:
+        result.resumed_from = _resume(path, model, opt, schedule, config, steps, result.losses)
     tokens = 0
+
+    def checkpoint(step: int) -> None:
+        state = {
+            "step": step,
+            "config": config,
+            "trainable": _trainable_state(model),
+            "optimizer": opt.state_dict(),
+            "schedule": schedule.state_dict(),
+            "rng": torch.get_rng_state(),  # dropout masks continue as in an uninterrupted run
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "losses": list(result.losses),
+        }
+        _save_checkpoint(folder, state)
 
     def run():
         nonlocal tokens
         model.train()
-        bar = tqdm(
-            _batches(tokenized, batch_size, steps, seed), total=steps, desc="train", disable=not progress
-        )
-        for batch in bar:
+        batches = itertools.islice(
+            _batches(tokenized, batch_size, steps, seed), result.resumed_from, None
+        )  # a resumed run skips the batches already trained on
+        bar = tqdm(batches, initial=result.resumed_from, total=steps, desc="train", disable=not progress)
+        for step, batch in enumerate(bar, start=result.resumed_from + 1):
             inputs = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
             loss = model(**inputs).loss
             loss.backward()
@@ -105,13 +183,46 @@ def train(
             tokens += int(inputs["attention_mask"].sum())
             result.losses.append(loss.item())
             bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+            if folder is not None and (step % checkpoint_every == 0 or step == steps):
+                checkpoint(step)
         model.eval()
 
     start = time.perf_counter()
     _, result.peak_memory_bytes = measure_peak(run, device=device)
     result.seconds = time.perf_counter() - start
-    result.tokens_per_second = tokens / result.seconds
+    result.tokens_per_second = tokens / result.seconds if tokens else 0.0
     return result
+
+
+def _resume(path: Path, model, opt, schedule, config: dict, steps: int, losses: list[float]) -> int:
+    """Load a checkpoint written by `train` into model, optimizer and schedule; returns its step."""
+    state = torch.load(
+        path, map_location="cpu", weights_only=False
+    )  # our own file: optimizer states hold Python objects
+    if state["config"] != config:
+        raise ValueError(
+            f"the checkpoint {path} was saved by a run with {state['config']}, this run has {config}. "
+            "Resume with the same settings, or give another checkpoint_dir for a new run."
+        )
+    if state["step"] > steps:
+        raise ValueError(f"the checkpoint {path} is at step {state['step']}, past this run's steps={steps}")
+    trainable = dict(model.named_parameters())
+    names = {name for name, p in trainable.items() if p.requires_grad}
+    if set(state["trainable"]) != names:
+        raise ValueError(
+            f"the checkpoint {path} holds other trainable parameters than this model's "
+            f"(e.g. {sorted(set(state['trainable']) ^ names)[:2]}): was it saved for another model or adapter?"
+        )
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            trainable[name].copy_(value)
+    opt.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    losses[:] = state["losses"]
+    return state["step"]
 
 
 @torch.no_grad()

@@ -99,3 +99,83 @@ def test_measure_peak_sees_a_large_allocation():
     result, peak = course.memory.measure_peak(allocate)
     assert result == 1.0
     assert peak > 150e6
+
+
+class _Interrupted(Exception):
+    """Stands in for a kill: raised from inside a training step."""
+
+
+def _adapted_tiny():
+    model = course.models.tiny_model(seed=2)
+    course.lora.add_lora(model, "all-linear", r=4, alpha=8, dropout=0.1)  # dropout: the RNG state matters
+    return model
+
+
+class _InterruptedAdamW(torch.optim.AdamW):
+    """AdamW that raises inside step `after_steps + 1`, after that step's backward pass."""
+
+    def __init__(self, params, after_steps: int):
+        super().__init__(params, lr=3e-3, weight_decay=0.0)  # as train(optimizer="adamw")
+        self.after_steps, self.calls = after_steps, 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.calls > self.after_steps:
+            raise _Interrupted
+        return super().step(closure)
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint_and_ends_identical(tokenizer, tmp_path):
+    dataset = data.load_task("ticket_routing", "train").select(range(12))
+    hyper = dict(steps=7, lr=3e-3, batch_size=4, seed=3, progress=False)
+
+    torch.manual_seed(5)
+    uninterrupted = _adapted_tiny()
+    reference = train.train(uninterrupted, tokenizer, dataset, **hyper)
+
+    torch.manual_seed(5)
+    with pytest.raises(_Interrupted):  # killed in step 6, after the checkpoint of step 4
+        train.train(
+            _adapted_tiny(),
+            tokenizer,
+            dataset,
+            optimizer=lambda params: _InterruptedAdamW(params, after_steps=5),
+            checkpoint_dir=tmp_path,
+            checkpoint_every=2,
+            **hyper,
+        )
+    assert train.latest_checkpoint(tmp_path).name == "step-000004.pt"
+
+    torch.manual_seed(99)  # a new process: another RNG state, another LoRA init; the checkpoint restores both
+    resumed_model = _adapted_tiny()
+    resumed = train.train(
+        resumed_model, tokenizer, dataset, checkpoint_dir=tmp_path, checkpoint_every=2, **hyper
+    )
+    assert resumed.resumed_from == 4 and len(resumed.losses) == 7
+    assert resumed.losses == reference.losses
+    final, want = course.lora.lora_state_dict(resumed_model), course.lora.lora_state_dict(uninterrupted)
+    assert final.keys() == want.keys() and all(torch.equal(final[k], want[k]) for k in want)
+    assert any(
+        not torch.equal(w, torch.zeros_like(w)) for k, w in want.items() if "lora_B" in k
+    )  # it trained
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000007.pt"]  # older checkpoints removed
+
+
+def test_resume_ignores_a_half_written_checkpoint_and_refuses_other_settings(tokenizer, tmp_path):
+    dataset = data.load_task("ticket_routing", "train").select(range(8))
+    hyper = dict(steps=2, lr=3e-3, batch_size=4, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    train.train(_adapted_tiny(), tokenizer, dataset, **hyper)
+    (tmp_path / "step-000009.pt.tmp").write_bytes(b"killed while saving")  # what a kill mid-save leaves
+    assert train.latest_checkpoint(tmp_path).name == "step-000002.pt"
+    again = train.train(
+        _adapted_tiny(), tokenizer, dataset, **hyper
+    )  # resumes at the end: nothing left to do
+    assert again.resumed_from == 2 and len(again.losses) == 2
+    with pytest.raises(ValueError, match="saved by a run with"):
+        train.train(_adapted_tiny(), tokenizer, dataset, **{**hyper, "lr": 1e-3})
+    other = course.models.tiny_model(seed=2)
+    course.lora.add_lora(other, ["q_proj"], r=4, alpha=8)
+    with pytest.raises(ValueError, match="other trainable parameters"):
+        train.train(other, tokenizer, dataset, **hyper)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train.train(_adapted_tiny(), tokenizer, dataset, **{**hyper, "checkpoint_every": 0})
