@@ -1,0 +1,172 @@
+"""Full fine-tuning vs LoRA vs QLoRA on the embedded model: one task, one budget, one process.
+
+    .venv/bin/python benchmarks/comparison.py [--methods full,lora,...] [--note TEXT]
+
+Every method (course.compare.METHODS) trains on event_extraction with the same budget
+(course.compare.Budget: steps, batch, schedule; full fine-tuning a smaller learning rate) and
+is measured by course.compare.run_method: trainable parameters, peak training memory, time
+per step, tokens/s, the size of what must be saved, exact match on the test split and
+perplexity on the validation split. Methods run one after the other in this process; each
+frees its model before the next starts, and each peak is measured from that point.
+
+Nothing is lost on interruption: benchmarks/results/comparison.json (a list of rows) and
+comparison.md are rewritten after every method. `--methods` runs a subset and merges it into
+the existing file, so the whole comparison can be run in pieces of a few minutes each.
+"""
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+import course
+from course.compare import METHODS, Budget, format_table, memory_ratio, merge_rows, run_method
+
+RESULTS = Path(__file__).resolve().parent / "results"
+JSON_PATH, MD_PATH = RESULTS / "comparison.json", RESULTS / "comparison.md"
+META_PATH = RESULTS / "comparison_meta.json"  # budget, machine and date of each row (the rows stay plain)
+# Issue 6's quality bar: QLoRA within 5 points of LoRA; peak memory <= 0.6x LoRA, <= 0.2x full.
+MAX_EM_GAP, MAX_RATIO_LORA, MAX_RATIO_FULL = 0.05, 0.6, 0.2
+
+
+def _machine() -> str:
+    return (
+        f"{platform.machine()} CPU x{torch.get_num_threads()} threads"
+        if not torch.cuda.is_available()
+        else (torch.cuda.get_device_name())
+    )
+
+
+def _ratio_lines(rows: list[dict]) -> list[str]:
+    methods = {row["method"] for row in rows}
+    config = course.memory.load_model_config("smollm2-135m")
+    embedding = 4 * config.vocab_size * config.hidden_size  # fp32 and tied: the same tensor in every row
+    lines = []
+    for quantized in ("qlora_nf4", "qlora_fp4", "qlora_by_hand"):
+        for baseline, goal in (("lora", MAX_RATIO_LORA), ("full", MAX_RATIO_FULL)):
+            if {quantized, baseline} <= methods:
+                by = {row["method"]: row["peak_memory_bytes"] for row in rows}
+                ratio = memory_ratio(rows, quantized, baseline)
+                without = (by[quantized] - embedding) / (by[baseline] - embedding)
+                lines.append(
+                    f"| {quantized} / {baseline} | {ratio:.2f} | {without:.2f} | <= {goal} | "
+                    f"{'met' if ratio <= goal else 'not met'} |"
+                )
+    return lines
+
+
+def write_report(rows: list[dict], meta: dict) -> None:
+    by = {row["method"]: row for row in rows}
+    bits = course.quant.qlora_bits_per_param(64, 256)
+    lines = [
+        "# Full fine-tuning vs LoRA vs QLoRA (benchmarks/comparison.py)",
+        "",
+        "SmolLM2-135M-Instruct (embedded), task event_extraction; exact match on the test split (100),",
+        "perplexity on the validation split (60). Peak memory = the model's tensors + the peak RSS that",
+        "training added (course.compare). Budget, machine and date of each row:",
+        "",
+        "| method | budget | measured on |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {m} | {meta[m]['budget_text']} | {meta[m]['machine']}, {meta[m]['date']} |"
+        for m in by
+        if m in meta
+    ]
+    total = sum(meta[m]["seconds_in_all"] for m in by if m in meta)
+    lines += ["", "```", format_table(rows), "```", ""]
+    lines += [
+        f"Whole comparison (load, train, save, evaluate each method): {total / 60:.1f} min (goal: <= 30).",
+        "",
+    ]
+    if "lora" in by:
+        lines += ["## Quality: exact match against LoRA (goal: within 5 points)", ""]
+        for m in ("qlora_nf4", "qlora_fp4", "qlora_by_hand", "full"):
+            if m in by:
+                gap = by[m]["exact_match"] - by["lora"]["exact_match"]
+                met = round(100 * gap, 6) >= -100 * MAX_EM_GAP  # in whole points: 5.0, not 5.000000000000004
+                verdict = "" if m == "full" else (" (met)" if met else " (not met)")
+                lines.append(
+                    f"- {m}: {by[m]['exact_match']:.0%} vs LoRA {by['lora']['exact_match']:.0%}: "
+                    f"{100 * gap:+.0f} points{verdict}"
+                )
+        lines.append("")
+    ratio_lines = _ratio_lines(rows)
+    if ratio_lines:
+        lines += [
+            "## Peak training memory ratios",
+            "",
+            "| ratio | measured | without the fp32 embedding (113 MB, tied) | goal | |",
+            "|---|---|---|---|---|",
+            *ratio_lines,
+            "",
+            f"The decoder's linear layers alone are stored in {bits:.3f} bits per weight under NF4 + double",
+            f"quantization instead of 32: a ratio of {bits / 32:.3f} for the weights the quantization touches.",
+            "What keeps the measured ratio above that: activations (batch 8 of about 80 tokens, 30 layers) and",
+            "the fp32 logits over a 49,152-token vocabulary do not shrink with 4-bit weights, and at 135M",
+            "parameters they outweigh the weights; the tied fp32 embedding (excluded in the third column) is",
+            "a small part. Our hand-built Linear4bit also lets autograd keep every decoded fp32 weight for the",
+            "backward pass (bitsandbytes' MatMul4Bit does not). Notebook 08 measures each of these.",
+            "",
+            "Measurement noise: on CPU the peak is the process's resident memory; the C allocator keeps some",
+            "freed activation memory between steps, so repeated runs of one method can differ by a few hundred",
+            "MB. Seconds per step and tokens/s depend on what else ran on the 2 shared cores at the time.",
+            "",
+        ]
+    MD_PATH.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS)
+    )
+    parser.add_argument("--steps", type=int, default=Budget.steps)
+    parser.add_argument("--note", default="", help="free text for the report, e.g. 'machine shared'")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        parser.error(
+            f"--methods takes a comma-separated subset of {', '.join(METHODS)}; got {args.methods!r}"
+        )
+    hf_logging.set_verbosity_error()
+    budget = Budget(steps=args.steps)
+    RESULTS.mkdir(exist_ok=True)
+    rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else []
+    meta = json.loads(META_PATH.read_text()) if META_PATH.exists() else {}
+    versions = {p: metadata.version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")}
+    for method in methods:
+        start = time.perf_counter()
+        row = run_method(method, budget).row
+        seconds = time.perf_counter() - start  # load, train, save, evaluate
+        print(f"{method}: {json.dumps(row)} ({seconds:.0f} s in all)", flush=True)
+        rows = merge_rows(rows, [row])
+        b = asdict(budget)
+        meta[method] = {
+            "budget": b,
+            "budget_text": (
+                f"{b['steps']} steps x batch {b['batch_size']}, lr {b['full_lr' if method == 'full' else 'lr']:g}"
+                + ("" if method == "full" else f", r={b['r']}, alpha={b['alpha']:g}")
+            ),
+            "seconds_in_all": round(seconds, 1),
+            "machine": _machine(),
+            "date": time.strftime("%Y-%m-%d"),
+            "versions": versions,
+            "note": args.note,
+        }
+        JSON_PATH.write_text(json.dumps(rows, indent=1) + "\n")
+        META_PATH.write_text(json.dumps(meta, indent=1) + "\n")
+        write_report(rows, meta)
+    print(MD_PATH.read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()
