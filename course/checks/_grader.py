@@ -33,3 +33,19 @@ def _run(grader: _Grader, fn: Callable, args: tuple, call: str):
         raise
     except Exception as err:  # a shape mismatch, a typo: say where, not a traceback from the grader
         raise AssertionError(f"{grader.exercise}: {call} raised {type(err).__name__}: {err}") from None
+
+
+def _block_result(grader: _Grader, result, block, where: str):
+    """A blockwise quantizer's (indices, absmax): checks the tuple and absmax = block.abs().max()."""
+    grader.expect(
+        isinstance(result, tuple) and len(result) == 2,
+        f"expected a tuple (indices, absmax), got {type(result).__name__}.",
+    )
+    indices, absmax = result
+    want = float(block.abs().max())
+    grader.expect(
+        abs(float(absmax) - want) <= 1e-6 * want,
+        f"{where}: absmax should be {want:.4e}, got {float(absmax):.4e}. "
+        "Hint: the largest magnitude, block.abs().max(), not block.max().",
+    )
+    return indices, absmax
