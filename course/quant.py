@@ -364,11 +364,33 @@ def qlora_bits_per_param(blocksize: int = 64, blocksize2: int | None = 256) -> f
 # --- a 4-bit linear layer by hand --------------------------------------------------------
 
 
+class _MatMul4bit(torch.autograd.Function):
+    """y = x W^T + b with W decoded from its 4-bit storage in forward, and decoded again in backward.
+
+    A plain `F.linear(x, dequantize_4bit(q))` would let autograd keep the decoded fp32 W of
+    every layer until the backward pass, so during training the 4-bit storage would save
+    nothing. Like bitsandbytes' `MatMul4Bit`, we keep only a reference to the packed weight
+    (already in memory) and pay a second decode instead. W and b are frozen: only x gets a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
+        ctx.layer = layer
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        return nn.functional.linear(x, layer.dequantized(x.dtype), bias)  # (..., out_features)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = grad_y @ ctx.layer.dequantized(grad_y.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None  # (..., in_features); no gradient for the layer
+
+
 class Linear4bit(nn.Module):
     """A frozen linear layer whose weight is stored in 4 bits and dequantized in forward.
 
     y = x W^T + b with W = dequantize_4bit(weight), cast to x's dtype: the same arithmetic as
-    `bnb.nn.Linear4bit` on CPU (dequantize, then `F.linear`). The quantized tensors are
+    `bnb.nn.Linear4bit` on CPU (dequantize, then `F.linear`). For training, the decoded W is
+    not kept for backward but decoded again there (`_MatMul4bit`). The quantized tensors are
     buffers, so `.to()`, `state_dict()` and memory counts see them.
     """
 
@@ -411,9 +433,12 @@ class Linear4bit(nn.Module):
             state2,
         )
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight decoded from 4 bits, (out_features, in_features), in `dtype`."""
+        return dequantize_4bit(self.weight_q).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize_4bit(self.weight_q).to(x.dtype)  # (out_features, in_features)
-        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return _MatMul4bit.apply(x, self)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.absmax2 is not None else ""

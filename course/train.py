@@ -4,7 +4,8 @@
 completion-only loss, AdamW (or any optimizer factory), a linear learning-rate decay,
 a tqdm bar, a loss history and, when asked, checkpoints it resumes from after an
 interruption. `evaluate_exact_match` generates greedily in batches and
-scores the answers; `perplexity` is exp(mean loss) over the answer tokens.
+scores the answers; `teacher_forced_exact_match` gets the same score from one forward pass
+(for comparing many models cheaply); `perplexity` is exp(mean loss) over the answer tokens.
 """
 
 import itertools
@@ -102,6 +103,7 @@ def train(
     total_steps: int | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 10,
+    answer_logits_only: bool = False,
 ) -> TrainResult:
     """Train the parameters of `model` that require grad for `steps` optimizer steps.
 
@@ -118,6 +120,9 @@ def train(
     interrupted + resumed ends where an uninterrupted run with the same seed ends. A
     checkpoint saved with another lr, batch size, seed, schedule or dataset size, or for
     other trainable parameters, is refused with a ValueError instead of being mixed in.
+
+    answer_logits_only: compute the vocabulary logits at the answer positions only
+    (`answer_loss`): the same loss, without the largest activation of a small model.
     """
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}")
@@ -175,7 +180,7 @@ def train(
         bar = tqdm(batches, initial=result.resumed_from, total=steps, desc="train", disable=not progress)
         for step, batch in enumerate(bar, start=result.resumed_from + 1):
             inputs = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
-            loss = model(**inputs).loss
+            loss = answer_loss(model, inputs) if answer_logits_only else model(**inputs).loss
             loss.backward()
             opt.step()
             schedule.step()
@@ -192,6 +197,25 @@ def train(
     result.seconds = time.perf_counter() - start
     result.tokens_per_second = tokens / result.seconds if tokens else 0.0
     return result
+
+
+def answer_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The completion-only loss of `model(**inputs).loss`, with logits only where it needs them.
+
+    A causal LM's head turns every position's hidden state into one logit per vocabulary
+    entry, (B, T, V) in fp32, and the loss then keeps a log-softmax of the same size for
+    backward. With 49,152 tokens in the vocabulary that is the largest activation of a small
+    model, yet only the answer tokens are scored. Position t predicts token t+1, so we ask
+    the model (transformers' `logits_to_keep`, a boolean (B, T) mask) for the positions whose
+    next token is labelled: the same terms, the same mean, a fraction of the memory.
+    """
+    targets = inputs["labels"][:, 1:]  # (B, T-1): the token each position predicts
+    scored = targets != IGNORE_INDEX
+    keep = torch.nn.functional.pad(scored, (0, 1))  # (B, T): the last position predicts nothing
+    logits = model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep
+    ).logits  # (answer tokens, V), rows in (batch, position) order, as targets[scored]
+    return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
 
 
 def _resume(path: Path, model, opt, schedule, config: dict, steps: int, losses: list[float]) -> int:
@@ -275,6 +299,30 @@ def evaluate_exact_match(model, tokenizer, dataset, **kwargs) -> EvalResult:
     predictions = generate_answers(model, tokenizer, dataset, **kwargs)
     references = list(dataset["output"])
     return EvalResult(exact_match(predictions, references), predictions, references)
+
+
+@torch.no_grad()
+def teacher_forced_exact_match(model, tokenizer, dataset, batch_size: int = 50) -> float:
+    """Share of examples whose every answer token (and end-of-turn) is the model's argmax, given the truth so far.
+
+    Greedy decoding writes exactly the reference tokens if and only if, at each answer position,
+    the argmax given the reference prefix is the next reference token: so this equals greedy
+    exact match (`evaluate_exact_match`) for a model that answers in the
+    reference's tokenization, at the cost of one forward pass instead of one per new token.
+    """
+    device = next(model.parameters()).device
+    tokenized = [tokenize_for_training(tokenizer, example) for example in dataset]
+    hits = 0
+    for start in range(0, len(tokenized), batch_size):
+        batch = collate(tokenized[start : start + batch_size], tokenizer.pad_token_id)
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits  # (B, T, V)
+        predicted = logits[:, :-1].argmax(-1).cpu()  # (B, T-1): the token predicted for position t+1
+        targets = batch["labels"][:, 1:]  # (B, T-1)
+        wrong = (predicted != targets) & (targets != IGNORE_INDEX)
+        hits += int((~wrong.any(-1)).sum())
+    return hits / len(tokenized)
 
 
 @torch.no_grad()

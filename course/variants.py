@@ -336,35 +336,6 @@ def packed_batches(tokenizer, dataset, seq_len: int, batch_size: int, steps: int
         yield {"input_ids": ids_t[step], "labels": labels_t[step]}
 
 
-# --- measuring many variants cheaply ------------------------------------------------------------
-
-
-@torch.no_grad()
-def teacher_forced_exact_match(model, tokenizer, dataset, batch_size: int = 50) -> float:
-    """Share of examples whose every answer token (and end-of-turn) is the model's argmax, given the truth so far.
-
-    Greedy decoding writes exactly the reference tokens if and only if, at each answer position,
-    the argmax given the reference prefix is the next reference token: so this equals greedy
-    exact match (course.train.evaluate_exact_match) for a model that answers in the
-    reference's tokenization, at the cost of one forward pass instead of one per new token.
-    """
-    from course.data import IGNORE_INDEX, collate, tokenize_for_training
-
-    device = next(model.parameters()).device
-    tokenized = [tokenize_for_training(tokenizer, example) for example in dataset]
-    hits = 0
-    for start in range(0, len(tokenized), batch_size):
-        batch = collate(tokenized[start : start + batch_size], tokenizer.pad_token_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits  # (B, T, V)
-        predicted = logits[:, :-1].argmax(-1).cpu()  # (B, T-1): the token predicted for position t+1
-        targets = batch["labels"][:, 1:]  # (B, T-1)
-        wrong = (predicted != targets) & (targets != IGNORE_INDEX)
-        hits += int((~wrong.any(-1)).sum())
-    return hits / len(tokenized)
-
-
 def loftq_init(weight: torch.Tensor, r: int, num_iter: int = 1, blocksize: int = 64):
     """LoftQ (Li et al. 2023): a 4-bit Q and a rank-r L R with Q + L R close to W; returns (Q, A, B).
 

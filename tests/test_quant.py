@@ -15,6 +15,7 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
+import course
 from course import quant as Q
 
 BLOCKSIZES = (32, 64, 128, 256, 4096)
@@ -320,6 +321,23 @@ def test_linear4bit_equals_bitsandbytes(quant_type, double_quant, dtype):
         assert torch.equal(ours(x), ref(x))
         assert torch.equal(ours(x[0, :1]), ref(x[0, :1]))  # one token: bitsandbytes' gemv path
     assert torch.equal(ours.packed, ref.weight.data)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear4bit_backward_decodes_again_instead_of_keeping_the_weight(bias):
+    torch.manual_seed(7)
+    linear = torch.nn.Linear(128, 64, bias=bias)
+    ours = Q.Linear4bit.from_linear(linear, quant_type="nf4", double_quant=True)
+    plain = torch.nn.Linear(128, 64, bias=bias)  # the same decoded weight, autograd's own linear
+    plain.weight.data = ours.dequantized(torch.float32)
+    if bias:
+        plain.bias.data = linear.bias.data.clone()
+    x = torch.randn(4, 9, 128, requires_grad=True)
+    (grad_ours,) = torch.autograd.grad(ours(x).square().sum(), x)
+    (grad_plain,) = torch.autograd.grad(plain(x).square().sum(), x)
+    torch.testing.assert_close(grad_ours, grad_plain, rtol=1e-5, atol=1e-6)
+    _, saved = course.memory.saved_tensor_bytes(lambda: ours(x), exclude=[x])
+    assert saved == 0  # the decoded weight (32 KiB) is not kept for backward
 
 
 def test_quantize_linear_layers_replaces_all_but_skipped():

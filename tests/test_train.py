@@ -1,4 +1,5 @@
 import math
+import types
 
 import pytest
 import torch
@@ -66,6 +67,72 @@ def test_custom_optimizer_factory_is_used(tiny, tokenizer):
 
     train.train(tiny, tokenizer, dataset, steps=1, lr=0.1, batch_size=2, optimizer=sgd, progress=False)
     assert len(made) == 1 and made[0].state_dict()["param_groups"][0]["lr"] == 0.0  # decayed to zero
+
+
+def test_answer_loss_equals_the_full_loss_and_its_gradients(tiny, tokenizer):
+    dataset = data.load_task("event_extraction", "train").select(range(4))  # prompts of different lengths
+    batch = data.collate(
+        [data.tokenize_for_training(tokenizer, ex) for ex in dataset], tokenizer.pad_token_id
+    )
+    losses, grads = [], []
+    for loss_fn in (lambda: tiny(**batch).loss, lambda: train.answer_loss(tiny, batch)):
+        tiny.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        losses.append(loss)
+        grads.append(torch.cat([p.grad.flatten() for p in tiny.parameters()]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_answer_logits_only_trains_like_the_full_loss(tokenizer):
+    dataset = data.load_task("ticket_routing", "train").select(range(8))
+    runs = [
+        train.train(
+            course.models.tiny_model(seed=2),
+            tokenizer,
+            dataset,
+            steps=3,
+            lr=1e-3,
+            batch_size=4,
+            progress=False,
+            answer_logits_only=answer_only,
+        ).losses
+        for answer_only in (False, True)
+    ]
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts, at every position, the token that really comes next (its input shifted by one)."""
+
+    def __init__(self, vocab_size: int, spoil: int | None = None):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # so that the model has a device
+        self.vocab_size, self.spoil = vocab_size, spoil
+
+    def forward(self, input_ids, attention_mask):
+        following = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))  # (B, T)
+        logits = torch.nn.functional.one_hot(following, self.vocab_size).float()  # (B, T, V)
+        if (
+            self.spoil is not None
+        ):  # one wrong answer token in batch row `spoil`, at its last labelled position
+            t = int(attention_mask[self.spoil].sum()) - 2
+            logits[self.spoil, t] = logits[self.spoil, t].roll(1)
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_teacher_forced_exact_match_scores_each_answer_token(tokenizer):
+    dataset = data.load_task("ticket_routing", "test").select(range(6))
+    vocab = len(tokenizer)
+    assert train.teacher_forced_exact_match(_Oracle(vocab), tokenizer, dataset, batch_size=4) == 1.0
+    spoil_row_1 = _Oracle(vocab, spoil=1)  # row 1 of every batch the model sees
+    assert train.teacher_forced_exact_match(spoil_row_1, tokenizer, dataset, batch_size=6) == pytest.approx(
+        5 / 6
+    )
+    assert train.teacher_forced_exact_match(spoil_row_1, tokenizer, dataset, batch_size=4) == pytest.approx(
+        4 / 6
+    )
 
 
 def test_perplexity_is_exp_of_the_models_own_loss(tiny, tokenizer):
