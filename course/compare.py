@@ -31,7 +31,7 @@ import torch
 from course.data import load_task
 from course.env import seed_everything
 from course.lora import add_lora, count_parameters, save_adapter
-from course.memory import release_memory
+from course.memory import release_memory, storage_bytes
 from course.models import EMBEDDED_MODEL, load_model
 from course.quant import dequantize_linear_layers, quantize_linear_layers
 from course.train import evaluate_exact_match, perplexity, train
@@ -161,11 +161,7 @@ def model_bytes(model) -> int:
     Unlike `get_memory_footprint`, this counts bitsandbytes' absmax constants too (FACTS: that
     method counts parameters and buffers only).
     """
-    storages = {}
-    for t in _tensors(model):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
+    return storage_bytes(_tensors(model))
 
 
 def _read_once(model) -> None:

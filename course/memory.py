@@ -114,6 +114,15 @@ def release_memory() -> None:
     _release_free_memory()
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors`: views and shared (tied) tensors count once."""
+    seen: dict[tuple, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen.setdefault((tensor.device, storage.data_ptr()), storage.nbytes())
+    return sum(seen.values())
+
+
 def saved_tensor_bytes(fn, *, exclude=()):
     """Run `fn()` and return `(result, bytes)`: what autograd saved for the backward pass.
 

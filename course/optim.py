@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from course.memory import saved_tensor_bytes
+from course.memory import saved_tensor_bytes, storage_bytes
 from course.quant import State8bit, dequantize_blockwise_8bit, dynamic_code, quantize_blockwise_8bit
 
 BLOCKSIZE = 256  # bitsandbytes' blockwise optimizer kernels: 256 values per absmax
@@ -204,12 +204,7 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     """
     if not isinstance(opt, torch.optim.Optimizer):
         raise ValueError(f"expected a torch.optim.Optimizer, got {type(opt).__name__}")
-    seen: dict[tuple, int] = {}
-    for state in opt.state.values():
-        for tensor in _tensors(state):
-            storage = tensor.untyped_storage()
-            seen.setdefault((tensor.device, storage.data_ptr()), storage.nbytes())
-    return sum(seen.values())
+    return storage_bytes(tensor for state in opt.state.values() for tensor in _tensors(state))
 
 
 # --- paged optimizers, simulated ------------------------------------------------------------

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from course.train import generate_greedy, left_padded
+
 BASE = "__base__"  # peft's name for "no adapter" in `adapter_names`
 
 
@@ -132,30 +134,13 @@ class AdapterServer:
 
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Left-padded (B, T) input_ids and attention_mask: every prompt ends where generation continues."""
-        padding_side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
-        try:
-            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            self.tokenizer.padding_side = padding_side
         model = self.model if self.model is not None else self.base_model
-        device = next(model.parameters()).device
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+        return left_padded(self.tokenizer, prompts, next(model.parameters()).device)
 
     def _generate(self, enc: dict[str, torch.Tensor], max_new_tokens: int | None, **kwargs) -> list[str]:
         """Greedy answers for an encoded batch (decoded, without the prompt)."""
-        from transformers import GenerationConfig
-
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
         model = self.model if self.model is not None else self.base_model
-        with torch.no_grad():
-            out = model.generate(**enc, generation_config=config, **kwargs)  # (B, T_prompt + T_new)
-        answers = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        return [answer.strip() for answer in answers]
+        return generate_greedy(model, self.tokenizer, enc, max_new_tokens or self.max_new_tokens, **kwargs)
 
     def _split(self, requests: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
         if not requests:

@@ -250,6 +250,41 @@ def _resume(path: Path, model, opt, schedule, config: dict, steps: int, losses: 
 
 
 @torch.no_grad()
+def left_padded(tokenizer, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    """(B, T) input_ids and attention_mask, padded on the left.
+
+    Left padding keeps each prompt's last token at the end of its row, where generation
+    continues; the tokenizer's own padding side is restored afterwards.
+    """
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = padding_side
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+@torch.no_grad()
+def generate_greedy(
+    model, tokenizer, enc: dict[str, torch.Tensor], max_new_tokens: int, **kwargs
+) -> list[str]:
+    """Greedy answers for a `left_padded` batch, decoded without the prompt and stripped.
+
+    kwargs go to `model.generate` (e.g. peft's `adapter_names` for a mixed batch).
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    out = model.generate(**enc, generation_config=config, **kwargs)  # (B, T_prompt + T_new)
+    answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -259,39 +294,23 @@ def generate_answers(
     max_new_tokens: int | None = None,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy answers for every example, batched with left padding.
+    """Greedy answers for every example, batched with left padding (`left_padded`).
 
-    Left padding keeps each prompt's last token at the end of the row, where generation
-    continues. max_new_tokens defaults to the longest reference answer plus 2 tokens
-    (its end-of-turn and one spare): a longer answer cannot be an exact match anyway,
-    and on a CPU every generated token of a batch costs a forward pass.
+    max_new_tokens defaults to the longest reference answer plus 2 tokens (its end-of-turn
+    and one spare): a longer answer cannot be an exact match anyway, and on a CPU every
+    generated token of a batch costs a forward pass.
     """
-    from transformers import GenerationConfig
-
     if max_new_tokens is None:
         max_new_tokens = 2 + max(
             len(tokenizer(ex["output"], add_special_tokens=False)["input_ids"]) for ex in dataset
         )
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
     device = next(model.parameters()).device
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers = []
-    try:
-        starts = range(0, len(dataset), batch_size)
-        for start in tqdm(starts, desc="generate", disable=not progress):
-            rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
-            prompts = [format_prompt(tokenizer, ex) for ex in rows]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, generation_config=config)  # (B, T_prompt + T_new)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = padding_side
-    return [answer.strip() for answer in answers]
+    for start in tqdm(range(0, len(dataset), batch_size), desc="generate", disable=not progress):
+        rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
+        enc = left_padded(tokenizer, [format_prompt(tokenizer, ex) for ex in rows], device)
+        answers += generate_greedy(model, tokenizer, enc, max_new_tokens)
+    return answers
 
 
 def evaluate_exact_match(model, tokenizer, dataset, **kwargs) -> EvalResult:

@@ -36,7 +36,9 @@ def _run(grader: _Grader, fn: Callable, args: tuple, call: str):
 
 
 def _block_result(grader: _Grader, result, block, where: str):
-    """A blockwise quantizer's (indices, absmax): checks the tuple and absmax = block.abs().max()."""
+    """A blockwise quantizer's (indices, absmax): checks the tuple, absmax = block.abs().max(), integer indices."""
+    import torch
+
     grader.expect(
         isinstance(result, tuple) and len(result) == 2,
         f"expected a tuple (indices, absmax), got {type(result).__name__}.",
@@ -47,5 +49,11 @@ def _block_result(grader: _Grader, result, block, where: str):
         abs(float(absmax) - want) <= 1e-6 * want,
         f"{where}: absmax should be {want:.4e}, got {float(absmax):.4e}. "
         "Hint: the largest magnitude, block.abs().max(), not block.max().",
+    )
+    grader.expect(
+        isinstance(indices, torch.Tensor)
+        and indices.shape == block.shape
+        and not indices.is_floating_point(),
+        f"indices should be an integer tensor of shape {tuple(block.shape)}, got {indices!r}.",
     )
     return indices, absmax
