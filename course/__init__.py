@@ -17,6 +17,7 @@ _MODULES = (
     "optim",
     "memory",
     "train",
+    "stats",
     "compare",
     "plots",
     "widgets",
