@@ -13,7 +13,7 @@ LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lab test lint unit nbval notebooks exercises bench clean
+.PHONY: setup lab test lint unit nbval notebooks exercises bench check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ exercises: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_notebooks.py
+
+# Workshop pre-flight (seconds): cores, memory against each notebook's measured peak, disk,
+# the model cache, offline readiness, and the course's total time scaled to this machine.
+check: $(STAMP)
+	$(BIN)/python -m course.preflight
 
 clean:
 	rm -rf $(VENV) notebooks/exercises .pytest_cache .ruff_cache
