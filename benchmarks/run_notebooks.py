@@ -1,6 +1,6 @@
 """Execute each notebook and record its wall time and peak memory.
 
-    python benchmarks/run_notebooks.py [--store] [notebooks/03_*.ipynb ...]
+    python benchmarks/run_notebooks.py [--store] [--report NAME] [notebooks/03_*.ipynb ...]
 
 Each notebook runs in a fresh child process (with its own Jupyter kernel). The stored
 outputs are untouched unless `--store` is given: then the executed notebook is written
@@ -8,8 +8,11 @@ back, so one run both times a notebook and stores the outputs its current code p
 kernel process (RUSAGE_CHILDREN of the child, which waits for its kernel). Results go
 to benchmarks/results/notebooks.json (merged with earlier runs of other notebooks) and
 a markdown table beside it, for the instructor section of notebooks/README.md.
+`--report gpu_notebooks` writes another table instead (benchmarks/gpu_check.sh times
+the notebooks on a GPU without touching the CPU table the headers quote).
 """
 
+import argparse
 import json
 import platform
 import subprocess
@@ -61,11 +64,15 @@ def markdown(results: dict) -> str:
 
 
 def main(args: list[str]) -> None:
-    store = "--store" in args
-    paths = [a for a in args if a != "--store"]
-    notebooks = [Path(p).resolve() for p in paths] or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    parser = argparse.ArgumentParser(description="Execute notebooks; record wall time and peak memory.")
+    parser.add_argument("--store", action="store_true", help="write the executed notebooks back")
+    parser.add_argument("--report", default="notebooks", help="results file name (default: notebooks)")
+    parser.add_argument("paths", nargs="*")
+    options = parser.parse_args(args)
+    store, name = options.store, options.report
+    notebooks = [Path(p).resolve() for p in options.paths] or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = RESULTS / "notebooks.json"
+    report = RESULTS / f"{name}.json"
     results = json.loads(report.read_text()) if report.exists() else {}
     machine = f"{platform.machine()} CPU x{torch.get_num_threads()} threads"
     if torch.cuda.is_available():
@@ -76,7 +83,7 @@ def main(args: list[str]) -> None:
         results[path.name] = {**row, "machine": machine, "date": date.today().isoformat()}
         print(f"  {row['seconds']:.0f} s, peak {row['peak_rss_mib']} MiB", flush=True)
         report.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")  # keep what is done
-    (RESULTS / "notebooks.md").write_text(markdown(results))
+    (RESULTS / f"{name}.md").write_text(markdown(results))
     print(markdown(results))
 
 
