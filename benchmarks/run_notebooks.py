@@ -70,7 +70,9 @@ def main(args: list[str]) -> None:
     parser.add_argument("paths", nargs="*")
     options = parser.parse_args(args)
     store, name = options.store, options.report
-    notebooks = [Path(p).resolve() for p in options.paths] or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    notebooks = [Path(p).resolve() for p in options.paths] or sorted(
+        (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = RESULTS / f"{name}.json"
     results = json.loads(report.read_text()) if report.exists() else {}

@@ -34,6 +34,7 @@ from course.lora import add_lora, count_parameters, save_adapter
 from course.memory import release_memory, storage_bytes
 from course.models import EMBEDDED_MODEL, load_model
 from course.quant import dequantize_linear_layers, quantize_linear_layers
+from course.stats import Rate, rate_from
 from course.train import evaluate_exact_match, perplexity, train
 
 METHODS = ("full", "lora", "qlora_nf4", "qlora_fp4", "qlora_by_hand")
@@ -263,10 +264,58 @@ def memory_ratio(rows: list[dict], method: str, baseline: str) -> float:
     return by_method[method]["peak_memory_bytes"] / by_method[baseline]["peak_memory_bytes"]
 
 
-def cheapest_meeting(rows: list[dict], min_exact_match: float) -> str | None:
-    """The method with the least peak memory among those with exact_match >= min_exact_match (None if none)."""
-    good = [row for row in rows if row["exact_match"] >= min_exact_match]
-    return min(good, key=lambda row: row["peak_memory_bytes"])["method"] if good else None
+# Peak memory is one measurement per method. The three QLoRA rows of comparison.json keep byte-identical
+# tensors (179.2 MiB) and train the same adapters, and their peaks spread by 0.5%: run-to-run noise of one
+# need. Differences under 2% of the smaller peak are treated as a tie.
+MEMORY_NOISE = 0.02
+
+
+def exact_match_rate(row: dict, n: int) -> Rate:
+    """A row's exact match on n test examples, as a Rate with its 95% Wilson interval."""
+    return rate_from(row["exact_match"], n)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The outcome of `choose_method`: one method, several that tie within the noise, or none."""
+
+    methods: tuple[str, ...]
+    reason: str
+
+
+def choose_method(
+    rows: list[dict], min_exact_match: float, n: int, memory_noise: float = MEMORY_NOISE
+) -> Choice:
+    """The least-memory method that reaches an exact-match bar, deciding only beyond the noise.
+
+    A method is ruled out only when its whole 95% Wilson interval lies below the bar (on n test
+    examples, 94% and 97% cannot be told apart from a 95% bar). Among the others the one with the
+    least peak memory wins, unless others are within `memory_noise` (relative) of it: then they tie
+    and all are returned. The reason says which, and which of them might still miss the bar.
+    """
+    if not 0.0 <= min_exact_match <= 1.0:
+        raise ValueError(f"min_exact_match must be in [0, 1], got {min_exact_match!r}")
+    if memory_noise < 0:
+        raise ValueError(f"memory_noise must be >= 0, got {memory_noise!r}")
+    rates = {row["method"]: exact_match_rate(row, n) for row in rows}
+    candidates = [row for row in rows if rates[row["method"]].interval[1] >= min_exact_match]
+    if not candidates:
+        return Choice((), f"no method reaches {min_exact_match:.0%}: every interval lies below it")
+    least = min(row["peak_memory_bytes"] for row in candidates)
+    tied = sorted(
+        (row for row in candidates if row["peak_memory_bytes"] <= least * (1 + memory_noise)),
+        key=lambda row: row["peak_memory_bytes"],
+    )
+    methods = tuple(row["method"] for row in tied)
+    peaks = ", ".join(f"{row['method']} {row['peak_memory_bytes'] / 2**20:,.0f} MiB" for row in tied)
+    if len(methods) == 1:
+        reason = f"{methods[0]}: least memory ({peaks}) among those that can reach the bar"
+    else:
+        reason = f"tie on memory within {memory_noise:.0%}: {peaks}"
+    unsure = [m for m in methods if rates[m].interval[0] < min_exact_match]
+    if unsure:
+        reason += "; the bar lies inside the interval of " + ", ".join(f"{m} {rates[m]}" for m in unsure)
+    return Choice(methods, reason)
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
@@ -275,16 +324,22 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return [by_method[m] for m in METHODS if m in by_method]
 
 
-def format_table(rows: list[dict]) -> str:
-    """A fixed-width text table of rows (pandas is not a course dependency)."""
+def format_table(rows: list[dict], n: int | None = None) -> str:
+    """A fixed-width text table of rows (pandas is not a course dependency).
+
+    With `n` (the number of test examples) the exact match carries its 95% Wilson interval.
+    """
+    exact_width = 26 if n else 6
     header = f"{'method':14s} {'trainable':>12s} {'peak MiB':>9s} {'s/step':>7s} {'tok/s':>6s} "
-    header += f"{'saved MB':>9s} {'exact':>6s} {'ppl':>6s} {'steps':>5s}"
+    header += f"{'saved MB':>9s} {'exact match':>{exact_width}s} {'ppl':>6s} {'steps':>5s}"
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
             f"{row['method']:14s} {row['trainable_params']:>12,} {row['peak_memory_bytes'] / 2**20:>9,.0f} "
             f"{row['seconds_per_step']:>7.1f} {row['tokens_per_second']:>6.0f} "
-            f"{row['adapter_bytes'] / 1e6:>9.1f} {row['exact_match']:>6.0%} {row['perplexity']:>6.3f} "
+            f"{row['adapter_bytes'] / 1e6:>9.1f} "
+            f"{str(exact_match_rate(row, n)) if n else format(row['exact_match'], '.0%'):>{exact_width}s} "
+            f"{row['perplexity']:>6.3f} "
             f"{row['steps']:>5d}"
         )
     return "\n".join(lines)

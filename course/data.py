@@ -22,6 +22,7 @@ and a test checks that it reproduces the shipped files byte for byte.
 import json
 import random
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,9 +263,36 @@ def load_task(name: str, split: str = "train", data_dir: Path = DATA_DIR):
     from datasets import Dataset
 
     _check_task(name, split)
-    lines = (Path(data_dir) / name / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
-    dataset = Dataset.from_list([json.loads(line) for line in lines])
+    path = Path(data_dir) / name / f"{split}.jsonl"
+    if not path.is_file():
+        raise ValueError(
+            f"{path} does not exist: the task files live in data/ of the course; "
+            "rebuild them with `python -m course.data`, or pass the folder that holds them as data_dir"
+        )
+    dataset = Dataset.from_list(read_jsonl(path))
     return dataset.add_column("task", [name] * len(dataset))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """One example per line: a JSON object with string fields "input" and "output"; ValueError names the bad line."""
+    examples = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}, line {number}: not valid JSON ({err.msg}); expected one object per line"
+            ) from None
+        if not (
+            isinstance(example, Mapping) and all(isinstance(example.get(k), str) for k in ("input", "output"))
+        ):
+            raise ValueError(
+                f'{path}, line {number}: expected an object with string fields "input" and "output"'
+            )
+        examples.append(example)
+    if not examples:
+        raise ValueError(f"{path} holds no examples: expected one JSON object per line")
+    return examples
 
 
 # --- prompts, labels, batches -------------------------------------------------------------
@@ -272,6 +300,12 @@ def load_task(name: str, split: str = "train", data_dir: Path = DATA_DIR):
 
 def messages(example: dict) -> list[dict]:
     """System message = the task's instruction (this also drops SmolLM2's default system prompt)."""
+    if not isinstance(example, Mapping) or not isinstance(example.get("input"), str):
+        raise ValueError(f'an example is a dict with a string "input" and a "task" name, got {example!r:.80}')
+    if example.get("task") not in TASKS:
+        raise ValueError(
+            f"example['task'] must be one of {', '.join(TASKS)} (load_task adds it), got {example.get('task')!r}"
+        )
     return [
         {"role": "system", "content": TASKS[example["task"]].instruction},
         {"role": "user", "content": example["input"]},
@@ -291,6 +325,8 @@ def tokenize_for_training(tokenizer, example: dict) -> dict:
     Worked example (ids shortened): prompt [5, 6, 7], answer [8, 9], eos 2
     -> input_ids [5, 6, 7, 8, 9, 2], labels [-100, -100, -100, 8, 9, 2].
     """
+    if not isinstance(example, Mapping) or not isinstance(example.get("output"), str):
+        raise ValueError(f'a training example needs a string "output" (the answer), got {example!r:.80}')
     prompt_ids = tokenizer(format_prompt(tokenizer, example), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(example["output"], add_special_tokens=False)["input_ids"] + [
         tokenizer.eos_token_id
@@ -300,6 +336,17 @@ def tokenize_for_training(tokenizer, example: dict) -> dict:
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of tokenized examples into (B, T) tensors; padding is never a label."""
+    if not isinstance(pad_id, int) or isinstance(pad_id, bool):
+        raise TypeError(f"pad_id must be an int token id (tokenizer.pad_token_id), got {pad_id!r}")
+    if not batch:
+        raise ValueError("collate needs a non-empty list of tokenized examples (tokenize_for_training)")
+    if any(
+        not isinstance(ex, Mapping) or len(ex.get("input_ids", ())) != len(ex.get("labels", ()))
+        for ex in batch
+    ):
+        raise ValueError(
+            "each example needs input_ids and labels of the same length, as tokenize_for_training makes"
+        )
     length = max(len(ex["input_ids"]) for ex in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -315,12 +362,23 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 # --- scoring ------------------------------------------------------------------------------
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share of predictions equal to their reference after stripping outer whitespace."""
+def _check_answers(predictions, references) -> None:
+    for name, answers in (("predictions", predictions), ("references", references)):
+        if isinstance(answers, (str, bytes)) or not hasattr(answers, "__len__"):
+            raise TypeError(f"{name} must be a list of strings, got {type(answers).__name__}")
+        if not all(isinstance(a, str) for a in answers):
+            raise TypeError(
+                f"{name} must be a list of strings; it holds {sorted({type(a).__name__ for a in answers})}"
+            )
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not references:
-        raise ValueError("exact_match needs at least one example")
+        raise ValueError("scoring needs at least one example (the lists are empty)")
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of predictions equal to their reference after stripping outer whitespace."""
+    _check_answers(predictions, references)
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / len(references)
 
 
@@ -329,6 +387,7 @@ def field_accuracy(predictions: list[str], references: list[str]) -> dict[str, f
 
     Tells *which* field a model misses: in the 12h lesson it is `time`, not the others.
     """
+    _check_answers(predictions, references)
     fields = list(json.loads(references[0]))
     hits = dict.fromkeys(fields, 0)
     for prediction, reference in zip(predictions, references, strict=True):

@@ -30,7 +30,12 @@ def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
     The QLoRA recipe computes in bf16 (`bnb_4bit_compute_dtype`); on CPU, fp32 is both
     faster and exact, so the course uses it there.
     """
-    device = torch.device(device) if device is not None else pick_device()
+    try:
+        device = torch.device(device) if device is not None else pick_device()
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be a torch.device or a name like 'cpu' or 'cuda', got {device!r}"
+        ) from None
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -38,6 +43,8 @@ def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
 
 def seed_everything(seed: int = 0) -> None:
     """Seed Python, torch (all devices) and the hash seed of child processes."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     torch.manual_seed(seed)

@@ -11,7 +11,9 @@ The arithmetic is peft's one line (`peft/tuners/lora/layer.py`, `Linear.forward`
     result = result + lora_B(lora_A(dropout(x))) * scaling
 
 with the same parameter names (`lora_A`, `lora_B`, `scaling`), so with the same A and B
-the outputs are equal to peft's bit for bit (notebook 02 shows it, tests assert it).
+the outputs are equal to peft's bit for bit, in fp32, fp16 and bf16 (notebook 02 shows it,
+tests assert it). As in peft, the adapter stays fp32 beside a half-precision base: its
+update is added to the base output in fp32 and the sum is rounded once to the base dtype.
 What peft adds on top (many adapters per layer, DoRA, rsLoRA, PiSSA, LoftQ, quantized
 merges, a dispatcher per layer type) belongs in peft; notebook 09 uses it from there.
 
@@ -48,8 +50,9 @@ class LoRALinear(nn.Module):
     initializes its weight) or "gaussian" (A ~ N(0, (1/r)^2), as peft's
     `init_lora_weights="gaussian"`; the LoRA paper uses a Gaussian A). B is zero either way.
     dropout acts on the LoRA branch's input only, never on the base path.
-    The adapter is kept in fp32 on the base's device (peft does the same by default), and
-    its output is cast back to the base output's dtype.
+    The adapter is kept in fp32 on the base's device (peft does the same by default); its
+    update is added to the base output in fp32 and the sum rounded once to the base output's
+    dtype, as in peft's forward (`result.to(torch_result_dtype)` after the fp32 addition).
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming"):
@@ -68,8 +71,12 @@ class LoRALinear(nn.Module):
                 f"rank r must be an integer in 1..min(in_features, out_features) = 1..{max_r} "
                 f"for this {in_features}->{out_features} layer, got r={r!r}"
             )
-        if not alpha > 0:
-            raise ValueError(f"alpha must be positive (scaling = alpha / r), got alpha={alpha!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            raise TypeError(f"alpha must be a number (scaling = alpha / r), got {type(alpha).__name__}")
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be positive and finite (scaling = alpha / r), got alpha={alpha!r}")
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool):
+            raise TypeError(f"dropout must be a number in [0, 1), got {type(dropout).__name__}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got dropout={dropout!r}")
         if init not in INITS:
@@ -106,7 +113,9 @@ class LoRALinear(nn.Module):
             return result  # the update already lives in base.weight
         x = x.to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., r) -> (..., out)
-        return result + update.to(result.dtype)
+        # As peft: add in the wider dtype (an fp16/bf16 result is promoted to the fp32 update),
+        # then round once. Rounding the update first would differ on about a quarter of the outputs.
+        return (result + update).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A: the (out, in) matrix that LoRA adds to W0."""
@@ -123,20 +132,41 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W0 += scaling * B A, in place; forward then costs exactly the base's."""
+        """W0 += scaling * B A, in place; forward then costs exactly the base's.
+
+        The sum is formed in fp32 (the adapter's dtype) and rounded once to W0's dtype: equal
+        bit for bit to peft's default `merge()` (`weight.data += delta_weight`, promoted) in
+        fp32, fp16 and bf16. peft's `merge(safe_merge=True)` rounds the update to W0's dtype
+        first (`orig_weight += delta_weight.to(orig_dtype)`): the same in fp32, in fp16/bf16
+        one rounding more. Like `safe_merge`, a merge that would put NaN or inf into W0 is
+        refused with a ValueError, and W0 is left as it was.
+        """
         if self.merged:
             raise ValueError("already merged; call unmerge() first")
         weight = self._base_weight()
-        weight += self.delta_weight().to(weight.dtype)
+        merged = weight + self.delta_weight()  # (out, in), in the wider of the two dtypes
+        if not bool(torch.isfinite(merged).all()):
+            raise ValueError(
+                "the merged weight would hold NaN or inf (the adapter holds non-finite values, or their "
+                "product overflows): refused, the base weight is unchanged. Check the adapter's training."
+            )
+        weight.copy_(merged)  # one rounding to the base dtype
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W0 -= scaling * B A: back to the frozen base plus a separate adapter (equal up to rounding)."""
+        """W0 -= scaling * B A: back to the frozen base plus a separate adapter (equal up to rounding).
+
+        As peft's `unmerge()`: the update is rounded to W0's dtype, then subtracted. An update
+        holding NaN or inf is refused with a ValueError, W0 left as it was.
+        """
         if not self.merged:
             raise ValueError("not merged; nothing to unmerge")
         weight = self._base_weight()
-        weight -= self.delta_weight().to(weight.dtype)
+        delta = self.delta_weight().to(weight.dtype)  # (out, in)
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError("the adapter holds NaN or inf: unmerge refused, the base weight is unchanged")
+        weight -= delta
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -301,11 +331,22 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
     An adapter saved for another base (a target layer missing or of another shape) or whose
     tensors disagree with its recorded rank is refused with a ValueError before the model is touched.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
+    if not Path(path).is_file():
+        raise ValueError(f"no adapter file at {path}: give the .safetensors file that save_adapter wrote")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path} is not a safetensors file ({err}); give the file that save_adapter wrote"
+        ) from None
+    if not {"r", "alpha", "target_modules"} <= set(metadata):
+        raise ValueError(
+            f"{path} has no adapter metadata (r, alpha, target_modules): was it written by save_adapter?"
+        )
     targets, r = metadata["target_modules"].split(","), int(metadata["r"])
     state = load_file(str(path))
     # Check before add_lora, so a refused adapter leaves the model as it was.

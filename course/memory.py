@@ -76,6 +76,8 @@ def measure_peak(fn, *, device: torch.device | str | None = None):
     lifetime peak RSS (ru_maxrss) is all there is, so a peak lower than an earlier
     one reads as 0: the result is a lower bound.
     """
+    if not callable(fn):
+        raise TypeError(f"measure_peak runs fn(): pass a function (e.g. a lambda), got {type(fn).__name__}")
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -142,6 +144,38 @@ def saved_tensor_bytes(fn, *, exclude=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = fn()
     return result, sum(seen.values())
+
+
+def bytes_kept_for_backward(fn, *, device: torch.device | str | None = None):
+    """Run `fn()` (a forward pass) and return `(result, bytes)`: memory that stays allocated after it,
+    beyond the result's own tensors. That is what the backward pass will need, whoever holds it.
+
+    `saved_tensor_bytes` sees only what autograd saves through `save_for_backward`; a custom
+    autograd Function may also keep tensors as plain attributes of its context (bitsandbytes'
+    `MatMul4Bit` keeps `ctx.tensors`, ours `ctx.layer`), which no hook sees. Memory sees every
+    reference. On CUDA this reads the allocator's counter (exact). On CPU it reads the resident
+    set size, after `follow_live_memory()` so that blocks freed inside the forward pass leave the
+    process at once (it switches that on for the rest of the process); exact to a few pages, so
+    use it on tensors of at least a few hundred KiB. `fn` runs once before the measurement,
+    so that one-time allocations (lazily built tables, caches) are not counted as kept.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = device.type == "cuda"
+    if not cuda and (rss_bytes() is None or not follow_live_memory()):
+        raise RuntimeError("bytes_kept_for_backward on CPU needs Linux with glibc (/proc and mallopt)")
+
+    def allocated() -> int:
+        release_memory()
+        return torch.cuda.memory_allocated(device) if cuda else rss_bytes()
+
+    del_me = fn()  # warm-up: one-time allocations happen here
+    del del_me
+    before = allocated()
+    result = fn()
+    after = allocated()
+    outputs = result if isinstance(result, (tuple, list)) else (result,)
+    own = storage_bytes(t for t in outputs if isinstance(t, torch.Tensor))
+    return result, after - before - own
 
 
 # --- estimating training memory from a model config --------------------------------------
@@ -342,4 +376,50 @@ def estimate_training_memory(
         "gradients": round(gradients),
         "optimizer": round(optimizer_bytes),
         "activations": round(activations),
+    }
+
+
+# --- per rank, under data parallelism and sharding (notebook 12) ---------------------------
+
+# What each strategy shards across the ranks (ZeRO stages, Rajbhandari et al. 2020, Fig. 1);
+# FSDP's FULL_SHARD is stage 3. Activations are never sharded: each rank runs its own batch.
+SHARDED = {
+    "ddp": (),
+    "zero1": ("optimizer",),
+    "zero2": ("optimizer", "gradients"),
+    "zero3": ("optimizer", "gradients", "weights"),
+    "fsdp": ("optimizer", "gradients", "weights"),
+}
+# meta-llama/Llama-2-70b-hf config.json: the model of the published FSDP + QLoRA anchor
+# (Answer.AI, 2024-03-06: Llama-2-70B fine-tuned on two 24 GB GPUs).
+LLAMA_2_70B = {
+    "name": "llama-2-70b",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+    "source": "https://huggingface.co/meta-llama/Llama-2-70b-hf/blob/main/config.json",
+}
+
+
+def estimate_per_rank_memory(config, method: str, strategy: str, world_size: int, **kwargs) -> dict[str, int]:
+    """`estimate_training_memory` on one of `world_size` ranks: the sharded components / world_size.
+
+    strategy: "ddp" (everything replicated), "zero1", "zero2", "zero3" or "fsdp" (= zero3).
+    batch_size in kwargs is the per-rank batch. FSDP + QLoRA is method="qlora",
+    strategy="fsdp": the 4-bit weights, stored in a float dtype (`bnb_4bit_quant_storage`),
+    are sharded like any other weight. Worked example: Llama-2-70B, QLoRA, FSDP on 2 ranks:
+    about 35 GB of 4-bit weights become about 17.5 GB per rank.
+    """
+    if strategy not in SHARDED:
+        raise ValueError(f"strategy must be one of {tuple(SHARDED)}, got {strategy!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    parts = estimate_training_memory(config, method, **kwargs)
+    return {
+        name: round(value / world_size) if name in SHARDED[strategy] else value
+        for name, value in parts.items()
     }

@@ -141,6 +141,8 @@ def _no_progress_bars():
 
 
 def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a model name is a non-empty string (e.g. {EMBEDDED_MODEL!r}), got {name!r}")
     if name in KNOWN_MODELS or "/" in name or Path(name).is_dir():
         return
     raise UnknownModelError(
@@ -171,6 +173,15 @@ def model_path(name: str = EMBEDDED_MODEL) -> str:
     return str(folder)
 
 
+def _device(device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be a torch.device or a name like 'cpu' or 'cuda:0', got {device!r}"
+        ) from None
+
+
 def load_tokenizer(name: str = EMBEDDED_MODEL):
     from transformers import AutoTokenizer
 
@@ -194,13 +205,16 @@ def load_model(
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.float32 or torch.bfloat16, got {dtype!r}")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    device = torch.device(device) if device is not None else pick_device()
+    device = _device(device) if device is not None else pick_device()
     dtype = dtype or compute_dtype(device)
     path = model_path(name)
     local = Path(path).is_dir()
-    kwargs = {"dtype": dtype, "local_files_only": local}
+    # weights only from safetensors (never a pickled .bin, which would run code when loaded); no remote code
+    kwargs = {"dtype": dtype, "local_files_only": local, "use_safetensors": True, "trust_remote_code": False}
     if quantization == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     elif quantization is not None:
@@ -242,6 +256,8 @@ def tiny_model(seed: int = 0, **config):
         bos_token_id=1,
         eos_token_id=2,
     )
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**{**defaults, **config})).eval()
 

@@ -24,6 +24,7 @@ from course.quant import State8bit, dequantize_blockwise_8bit, dynamic_code, qua
 
 BLOCKSIZE = 256  # bitsandbytes' blockwise optimizer kernels: 256 values per absmax
 MIN_8BIT_SIZE = 4096  # bitsandbytes' `min_8bit_size`: smaller tensors keep fp32 states
+STATE_8BIT_KEYS = ("m_absmax", "m_code", "v_absmax", "v_code")  # beside the uint8 m and v
 # PCIe 4.0 x16: 16 GT/s per lane x 16 lanes x 128/130 encoding = 31.5 GB/s per direction, the
 # theoretical peak between a GPU and host RAM (PCI-SIG, PCIe 4.0 spec). Real transfers reach less.
 PCIE4_X16_BYTES_PER_S = 16e9 * 16 * (128 / 130) / 8
@@ -46,6 +47,11 @@ class Adam8bit(torch.optim.Optimizer):
     `min_8bit_size` elements keep fp32 states, as in bitsandbytes: their absmax and code would
     cost more than they save. `emulate_cpu_lut=True` rounds through bitsandbytes' CPU lookup
     table instead of to the exact nearest code (see `course.quant.quantize_blockwise_8bit`).
+
+    `state_dict()` / `load_state_dict()` round-trip the states exactly, in their own dtypes
+    (uint8 codes, fp32 absmax and fp32 moments), as bitsandbytes' optimizers do: torch's
+    `Optimizer.load_state_dict` would cast every state tensor to its parameter's dtype.
+    A step whose gradients hold NaN or inf is refused before any parameter or state changes.
     """
 
     def __init__(
@@ -59,14 +65,23 @@ class Adam8bit(torch.optim.Optimizer):
         min_8bit_size: int = MIN_8BIT_SIZE,
         emulate_cpu_lut: bool = False,
     ):
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not (number(lr) and 0 <= lr < math.inf):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        if (
+            not isinstance(betas, (tuple, list))
+            or len(betas) != 2
+            or not all(number(b) and 0.0 <= b < 1.0 for b in betas)
+        ):
             raise ValueError(f"betas must be two numbers in [0, 1), e.g. (0.9, 0.999); got {betas!r}")
-        if eps < 0 or weight_decay < 0:
+        if not all(number(x) and 0 <= x < math.inf for x in (eps, weight_decay)):  # NaN fails too
             raise ValueError(
-                f"eps and weight_decay must be >= 0, got eps={eps!r}, weight_decay={weight_decay!r}"
+                f"eps and weight_decay must be finite numbers >= 0, got eps={eps!r}, weight_decay={weight_decay!r}"
             )
+        if not isinstance(min_8bit_size, int) or isinstance(min_8bit_size, bool) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = min_8bit_size
         self.emulate_cpu_lut = emulate_cpu_lut
@@ -100,12 +115,54 @@ class Adam8bit(torch.optim.Optimizer):
         )
         state[name], state[f"{name}_absmax"] = q, quant_state.absmax
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a `state_dict()` exactly: every state tensor keeps its saved dtype (copied onto p's device)."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("expected the dict of Adam8bit.state_dict() (keys 'state' and 'param_groups')")
+        for index, state in state_dict["state"].items():
+            m = state.get("m") if isinstance(state, dict) else None
+            eight_bit = isinstance(m, torch.Tensor) and m.dtype == torch.uint8
+            if (
+                m is None
+                or not {"step", "v"} <= set(state)
+                or (eight_bit and not set(STATE_8BIT_KEYS) <= set(state))
+            ):
+                raise ValueError(
+                    f"state of parameter {index} is not an Adam8bit state: expected keys step, m, v "
+                    f"(and {', '.join(STATE_8BIT_KEYS)} for 8-bit states), got {sorted(state)}"
+                )
+        # saved parameter ids -> this optimizer's parameters, group by group, as torch matches them
+        params = {
+            saved_id: p
+            for saved, group in zip(state_dict["param_groups"], self.param_groups, strict=False)
+            for saved_id, p in zip(saved["params"], group["params"], strict=False)
+        }
+        super().load_state_dict(state_dict)  # param groups (lr, betas, ...); refuses other group sizes
+        for saved_id, state in state_dict["state"].items():
+            p = params[saved_id]
+            restored = {
+                key: value.to(p.device, copy=True) if isinstance(value, torch.Tensor) else value
+                for key, value in state.items()
+            }  # each tensor in its saved dtype, never cast to p's
+            for name, code in (("m_code", self.code_m), ("v_code", self.code_v)):
+                if name in restored and torch.equal(restored[name], code.to(p.device)):
+                    restored[name] = code.to(p.device)  # the shared code again, stored once
+            self.state[p] = restored
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Check every gradient before touching anything: a refused step leaves parameters and states as they were.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    raise ValueError(
+                        f"a gradient holds NaN or inf (parameter of shape {tuple(p.shape)}): step refused, "
+                        "nothing was updated. Lower the learning rate or find the overflow (e.g. fp16 loss scaling)."
+                    )
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:

@@ -234,8 +234,127 @@ def storage_breakdown(bits: dict):
         widths = [bits[label].get(component, 0.0) for label in labels]
         ax.barh(labels, widths, left=left, color=f"C{i}", label=component)
         left = [a + b for a, b in zip(left, widths, strict=True)]
+    for y, total in enumerate(left):  # the axis starts at 0, so the constants show at their true size
+        ax.text(total + 0.05, y, f"{total:.3f}", va="center", fontsize=8)
     ax.set_xlabel("bits per parameter")
-    ax.set_xlim(3.9, max(left) * 1.02)
+    ax.set_xlim(0, max(left) * 1.15)
     ax.legend(fontsize=8, ncol=len(components), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+# --- 13: your own task ------------------------------------------------------------------------
+
+
+def train_val_curves(curves: dict, best_step: int | None = None, title: str = "", ax=None):
+    """curves[label] = (steps, losses) -> lines on one axis; a dotted line at the chosen checkpoint."""
+    import matplotlib.pyplot as plt
+
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
+    for i, (label, (steps, losses)) in enumerate(curves.items()):
+        ax.plot(steps, losses, "-" if i == 0 else "o-", color=f"C{i}", label=label, lw=1.5, ms=3)
+    if best_step is not None:
+        ax.axvline(best_step, color="gray", ls=":", label=f"kept: step {best_step}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if fig is not None:
+        fig.tight_layout()
+    return ax.figure
+
+
+def sweep_panels(report: dict):
+    """benchmarks/sweep.py's report -> validation loss vs learning rate per rank, the overfitting
+    run, and general-text perplexity before/after each method."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3), dpi=80)
+    grid = [run for run in report["runs"] if run["part"] == "lr_rank"]
+    for i, r in enumerate(sorted({run["r"] for run in grid})):
+        points = sorted((run["lr"], run["loss"]) for run in grid if run["r"] == r)
+        axes[0].plot(*zip(*points, strict=True), "o-", color=f"C{i}", label=f"r={r}, alpha=r")
+    for marker, run in zip("sv^D", [run for run in report["runs"] if run["part"] != "lr_rank"], strict=False):
+        label = f"alpha={run['alpha']}" if run["part"] == "alpha" else f"targets {run['targets']}"
+        axes[0].plot(run["lr"], run["loss"], marker, color="gray", label=f"r=16, {label}")
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("learning rate")
+    axes[0].set_ylabel("validation loss")
+    axes[0].legend(fontsize=7)
+    overfit = report["overfit"]
+    train = overfit["train_losses"]
+    train_val_curves(
+        {
+            "train": (list(range(1, len(train) + 1)), train),
+            "validation": tuple(zip(*overfit["curve"], strict=True)),
+        },
+        best_step=min(overfit["curve"], key=lambda point: point[1])[0],
+        title=f"{overfit['examples']} training examples, lr {overfit['lr']:.0e}",
+        ax=axes[1],
+    )
+    axes[1].set_yscale("log")
+    methods = list(report["forgetting"])
+    values = [report["forgetting"][m]["perplexity"] for m in methods]
+    axes[2].bar(methods, values, color=[f"C{i}" for i in range(len(methods))])
+    for x, value in enumerate(values):
+        axes[2].text(x, value, f"{value:.1f}", ha="center", va="bottom", fontsize=8)
+    axes[2].set_ylabel("general-text perplexity")
+    axes[2].set_ylim(0, max(values) * 1.2)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# --- 10: serving many tenants ---------------------------------------------------------------
+
+
+def latency_vs_adapters(adapters: list, latency_ms: list, references: dict, spread_ms: list | None = None):
+    """Latency of a mixed batch against the number of distinct adapters in it, beside reference lines.
+
+    adapters: x values (distinct adapters in the batch); latency_ms: one per x; references[label] = ms
+    (e.g. the base model, the merged model) drawn as horizontal lines; spread_ms: optional error bars.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3), dpi=80)
+    ax.errorbar(adapters, latency_ms, yerr=spread_ms, fmt="o-", ms=4, capsize=3, label="mixed batch")
+    for i, (label, ms) in enumerate(references.items()):
+        ax.axhline(ms, color=f"C{i + 1}", ls="--", lw=1, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(adapters, [str(a) for a in adapters])
+    ax.set_ylim(0, max([*latency_ms, *references.values()]) * 1.25)
+    ax.set_xlabel("distinct adapters in one batch of 8 rows")
+    ax.set_ylabel("forward pass (ms)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+# --- 12: scaling out ---------------------------------------------------------------------------
+
+
+def time_breakdown(parts: dict, unit_name: str = "seconds per step", title: str = ""):
+    """parts[label][phase] = seconds -> one horizontal stacked bar per label (e.g. compute, all-reduce)."""
+    import matplotlib.pyplot as plt
+
+    labels = list(parts)
+    phases = list(dict.fromkeys(p for row in parts.values() for p in row))
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * len(labels)), dpi=80)
+    left = [0.0] * len(labels)
+    for i, phase in enumerate(phases):
+        widths = [parts[label].get(phase, 0.0) for label in labels]
+        ax.barh(labels, widths, left=left, color=f"C{i}", label=phase)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.invert_yaxis()
+    ax.set_xlabel(unit_name)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig

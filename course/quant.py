@@ -13,6 +13,7 @@ absmax floor of an all-zero last block, a 65,536-entry lookup table in the 8-bit
 we say so next to the line that copies it.
 """
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass
@@ -73,39 +74,97 @@ def dynamic_code(signed: bool = True, max_exponent_bits: int = 7, total_bits: in
     Each value is sign * 10^(-e) * fraction: a leading run of zero bits picks the decade
     (up to 7 of them), the remaining bits a fraction on a linear grid in [0.1, 1]. Small
     magnitudes get many codes, large ones fine relative steps. Rebuilt exactly like
-    bitsandbytes `create_dynamic_map` (fp32 fractions, sorted, 256 entries); signed: min
-    -0.99297, max 1.0.
+    bitsandbytes `create_dynamic_map` (fp32 fractions, sorted, padded with zeros to 256
+    entries), for every argument combination it accepts; signed defaults: min -0.99297, max 1.0.
     """
+    for name, value in (("max_exponent_bits", max_exponent_bits), ("total_bits", total_bits)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if max_exponent_bits < 0 or not 1 <= total_bits <= 8:
+        raise ValueError(
+            f"dynamic_code needs max_exponent_bits >= 0 and total_bits in 1..8 (the defaults are 7 and 8), "
+            f"got max_exponent_bits={max_exponent_bits}, total_bits={total_bits}"
+        )
     non_sign_bits = total_bits - 1
-    values = [torch.tensor([0.0, 1.0])]
+    values = []
     for i in range(max_exponent_bits):  # one decade per exponent, not a loop over elements
-        n_fractions = 2 ** (i + non_sign_bits - max_exponent_bits + (0 if signed else 1))
-        bounds = torch.linspace(0.1, 1, n_fractions + 1)  # (n_fractions + 1,)
+        # bitsandbytes truncates with int(): 2^(i - 1) + 1 = 1.5 becomes one bound, no fraction
+        n_bounds = int(2 ** (i + non_sign_bits - max_exponent_bits + (0 if signed else 1)) + 1)
+        bounds = torch.linspace(0.1, 1, n_bounds)  # (n_bounds,)
         fractions = (bounds[:-1] + bounds[1:]) / 2.0  # bin midpoints
         decade = (10 ** (-(max_exponent_bits - 1) + i)) * fractions
         values += [decade, -decade] if signed else [decade]
-    code = torch.cat(values)
+    # When fewer exponent bits are allowed than fraction bits exist, bitsandbytes adds the
+    # codes of the all-zero exponent in the last decade again ("additional items").
+    # Its loop variable is then the last exponent, so these land in the decade 10^0.
+    additional = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    if additional > 0 and max_exponent_bits == 0:
+        raise ValueError(
+            f"dynamic_code with max_exponent_bits=0 has no decade for its {additional} fraction codes "
+            "(bitsandbytes fails on it too): use max_exponent_bits >= 1"
+        )
+    if additional > 0:
+        bounds = torch.linspace(0.1, 1, additional + 1)  # (additional + 1,)
+        fractions = (bounds[:-1] + bounds[1:]) / 2.0  # decade 10^0: the fractions themselves
+        values += [fractions, -fractions] if signed else [fractions]
+    code = torch.cat(values + [torch.tensor([0.0, 1.0])])
     if code.numel() != 2**total_bits:
-        raise ValueError(f"dynamic_code: got {code.numel()} values for {total_bits} bits; use the defaults")
+        raise ValueError(
+            f"dynamic_code(signed={signed}, max_exponent_bits={max_exponent_bits}, total_bits={total_bits}) "
+            f"gives {code.numel()} values, not 2^{total_bits}; bitsandbytes refuses these arguments too "
+            "(use the defaults, or fewer exponent bits)"
+        )
+    code = torch.cat([code, torch.zeros(256 - code.numel())])  # bitsandbytes pads with zeros to 256
     return code.sort().values  # (256,)
 
 
 # --- containers -----------------------------------------------------------------------
 
 
-@dataclass
+def _fields_equal(a, b) -> bool:
+    """Field-by-field equality of two states, tensors compared exactly (values, dtype, shape)."""
+    if type(a) is not type(b):
+        return False
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            same = (
+                isinstance(x, torch.Tensor)
+                and isinstance(y, torch.Tensor)
+                and x.dtype == y.dtype
+                and x.device == y.device
+                and torch.equal(x, y)
+            )
+        else:
+            same = x == y
+        if not same:
+            return False
+    return True
+
+
+@dataclass(eq=False)
 class State8bit:
-    """Blockwise 8-bit state: the fields of bitsandbytes' `QuantState` that 8 bits need."""
+    """Blockwise 8-bit state: the fields of bitsandbytes' `QuantState` that 8 bits need.
+
+    `==` compares every field, tensors exactly, as bitsandbytes compares its QuantState.
+    """
 
     absmax: torch.Tensor  # fp32 (n_blocks,)
     code: torch.Tensor  # fp32 (256,)
     blocksize: int = 256
     dtype: torch.dtype = torch.float32  # dtype of the tensor that was quantized
 
+    __eq__ = _fields_equal
+    __hash__ = None  # mutable, like any dataclass with an equality
 
-@dataclass
+
+@dataclass(eq=False)
 class Quantized4bit:
-    """A 4-bit tensor, field for field comparable with bitsandbytes' `QuantState`."""
+    """A 4-bit tensor, field for field comparable with bitsandbytes' `QuantState`.
+
+    `==` compares every field, tensors exactly (a copy, a pickle or a state-dict round trip
+    equals the original); the quantization constants never carry an autograd graph.
+    """
 
     packed: torch.Tensor  # uint8 ((n + 1) // 2, 1): element 2i in the high nibble, 2i+1 in the low
     absmax: torch.Tensor  # fp32 (n_blocks,); uint8 (n_blocks,) when double-quantized
@@ -116,6 +175,9 @@ class Quantized4bit:
     code: torch.Tensor | None = None  # fp32 (16,), the codebook
     offset: torch.Tensor | None = None  # fp32 scalar: mean absmax, subtracted before double quant
     state2: State8bit | None = None  # second-level state: absmax2, dynamic code, blocksize 256
+
+    __eq__ = _fields_equal
+    __hash__ = None
 
     @property
     def nested(self) -> bool:
@@ -128,6 +190,8 @@ class Quantized4bit:
 def _check_input(x: torch.Tensor, blocksize: int, allowed: tuple | None = VALID_BLOCKSIZES) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device (shapes only, no values): load or materialize it first")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor (fp32, fp16 or bf16), got {x.dtype}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -138,12 +202,33 @@ def _check_input(x: torch.Tensor, blocksize: int, allowed: tuple | None = VALID_
 
 
 def _check_blocksize(blocksize: int, allowed: tuple | None) -> None:
-    ok = isinstance(blocksize, int) and blocksize > 0 and (blocksize & (blocksize - 1)) == 0
+    # bool is an int in Python: blocksize=True would silently mean blocks of 1
+    ok = (
+        isinstance(blocksize, int)
+        and not isinstance(blocksize, bool)
+        and blocksize > 0
+        and (blocksize & (blocksize - 1)) == 0
+    )
     if allowed is not None:
         ok = ok and blocksize in allowed
     if not ok:
         allowed_text = ", ".join(map(str, allowed)) if allowed else "a power of two"
         raise ValueError(f"blocksize must be one of {allowed_text}; got {blocksize!r}")
+
+
+def _check_code(code: torch.Tensor) -> torch.Tensor:
+    """An 8-bit code: a 1-D finite tensor of at most 256 values (its indices must fit in a uint8)."""
+    if not isinstance(code, torch.Tensor):
+        raise ValueError(f"code must be a 1-D torch.Tensor of at most 256 values, got {type(code).__name__}")
+    if code.dim() != 1 or not 2 <= code.numel() <= 256 or not code.is_floating_point():
+        raise ValueError(
+            f"code must be a 1-D floating-point tensor of 2..256 values (uint8 indices), "
+            f"got shape {tuple(code.shape)} and dtype {code.dtype}"
+        )
+    code = code.detach().float()
+    if not bool(torch.isfinite(code).all()):
+        raise ValueError("code contains NaN or inf: every code value must be a finite number in [-1, 1]")
+    return code
 
 
 # --- shared pieces ----------------------------------------------------------------------
@@ -222,8 +307,9 @@ def quantize_blockwise_8bit(
     of SmolLM2's linear layers); it is an aside, not how the format is defined.
     """
     _check_input(x, blocksize, allowed=None)
-    code = dynamic_code(signed=True) if code is None else code.float()
-    absmax, scaled = _absmax_and_scale(x.reshape(-1).float(), blocksize, kernel="8bit")
+    code = dynamic_code(signed=True) if code is None else _check_code(code)
+    # detach: the constants of a quantized nn.Parameter must not keep its autograd graph
+    absmax, scaled = _absmax_and_scale(x.detach().reshape(-1).float(), blocksize, kernel="8bit")
     if emulate_cpu_lut:
         grid = torch.arange(65536, dtype=torch.float32) * (2 / 65535) - 1  # (65536,) slot centres
         slot = torch.floor((scaled + 1) * 32767.5 + 0.5).long().clamp_(0, 65535)
@@ -237,6 +323,14 @@ def quantize_blockwise_8bit(
 
 def dequantize_blockwise_8bit(q: torch.Tensor, state: State8bit) -> torch.Tensor:
     """code[q] * absmax of the block, computed in fp32, returned in the original dtype."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.uint8:
+        raise ValueError(
+            f"q must be the uint8 tensor of quantize_blockwise_8bit, got {getattr(q, 'dtype', q)!r}"
+        )
+    if not isinstance(state, State8bit):
+        raise ValueError(
+            f"state must be the State8bit of quantize_blockwise_8bit, got {type(state).__name__}"
+        )
     values = state.code[q.reshape(-1).long()]  # (n,)
     return _scale_back_(values, state.absmax, state.blocksize).to(state.dtype).view(q.shape)
 
@@ -293,7 +387,8 @@ def quantize_4bit(
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     _check_input(x, blocksize)
     code = CODES[quant_type]
-    absmax, scaled = _absmax_and_scale(x.reshape(-1).float(), blocksize, kernel="4bit")
+    # detach: the constants of a quantized nn.Parameter must not keep its autograd graph
+    absmax, scaled = _absmax_and_scale(x.detach().reshape(-1).float(), blocksize, kernel="4bit")
     if scaled.numel() % 2:  # an odd count is padded with one 0.0, as bitsandbytes does
         scaled = nn.functional.pad(scaled, (0, 1))
     packed = pack_nibbles(_nearest_code(scaled, code))
@@ -315,6 +410,8 @@ def dequantize_absmax(q: Quantized4bit) -> torch.Tensor:
 
 def dequantize_4bit(q: Quantized4bit) -> torch.Tensor:
     """code[index] * absmax of the block, in fp32, cast to the original dtype and shape."""
+    if not isinstance(q, Quantized4bit):
+        raise ValueError(f"dequantize_4bit takes the Quantized4bit of quantize_4bit, got {type(q).__name__}")
     n = math.prod(q.shape)
     # One lookup per byte instead of two per nibble: row b of `pairs` is (code[b >> 4], code[b & 15]).
     code = q.code if q.code is not None else CODES[q.quant_type]
@@ -392,7 +489,14 @@ class Linear4bit(nn.Module):
     `bnb.nn.Linear4bit` on CPU (dequantize, then `F.linear`). For training, the decoded W is
     not kept for backward but decoded again there (`_MatMul4bit`). The quantized tensors are
     buffers, so `.to()`, `state_dict()` and memory counts see them.
+
+    Like bitsandbytes, `.to(torch.bfloat16)` (or `.half()`) changes the compute dtype only:
+    the quantization constants stay fp32 and move devices, never dtypes, so the decoded weight
+    does not move. `state_dict()` records the format (shape, dtype, blocksize, quant_type,
+    double quantization) and loading a state dict of another format is refused.
     """
+
+    QUANT_BUFFERS = ("absmax", "code", "offset", "absmax2", "code2")  # fp32 constants: never cast
 
     def __init__(self, weight: Quantized4bit, bias: torch.Tensor | None = None):
         super().__init__()
@@ -412,6 +516,40 @@ class Linear4bit(nn.Module):
         self.register_buffer("absmax2", None if weight.state2 is None else weight.state2.absmax)
         self.register_buffer("code2", None if weight.state2 is None else weight.state2.code)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / .half / .cuda call this: the constants take fn's device, keep their dtype."""
+        constants = {name: self._buffers[name] for name in self.QUANT_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, before in constants.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)  # from the original: no round trip
+        return self
+
+    def _format(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "blocksize": self.blocksize,
+            "quant_type": self.quant_type,
+            "double_quant": self.absmax2 is not None,
+        }
+
+    def get_extra_state(self) -> dict:
+        return self._format()
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked before any tensor was copied, in _load_from_state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "_extra_state")
+        if saved is not None and saved != self._format():
+            raise ValueError(
+                f"this state dict holds a Linear4bit of another format: saved {saved}, this layer "
+                f"{self._format()}. Build the layer with the same quantize_4bit settings, then load."
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **quant_kwargs) -> "Linear4bit":
@@ -438,6 +576,15 @@ class Linear4bit(nn.Module):
         return dequantize_4bit(self.weight_q).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+            raise ValueError(
+                f"Linear4bit takes a floating-point tensor (..., {self.in_features}), got {x!r:.80}"
+            )
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Linear4bit expects inputs of width in_features={self.in_features} (..., {self.in_features}), "
+                f"got shape {tuple(x.shape)}"
+            )
         return _MatMul4bit.apply(x, self)
 
     def extra_repr(self) -> str:

@@ -74,6 +74,16 @@ def mixed_lora_linear(
     low-rank product only on the rows that asked for it, so one tenant's A and B never touch
     another tenant's rows.
     """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != base.in_features:
+        raise ValueError(
+            f"x must be a (B, ..., in_features={base.in_features}) tensor, got {getattr(x, 'shape', x)!r}"
+        )
+    for name, (A, B, _) in adapters.items():
+        if A.shape[1] != base.in_features or B.shape[0] != base.out_features or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"adapter {name!r}: expected A (r, {base.in_features}) and B ({base.out_features}, r), "
+                f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
     if len(adapter_names) != x.shape[0]:
         raise ValueError(f"one adapter name per row: got {len(adapter_names)} names for {x.shape[0]} rows")
     check_tenants(adapter_names, adapters)
@@ -96,6 +106,10 @@ class AdapterServer:
     """
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 32):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         self.base_model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens

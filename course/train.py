@@ -52,6 +52,7 @@ def _batches(tokenized: list[dict], batch_size: int, steps: int, seed: int):
 
 
 CHECKPOINT_PREFIX = "step-"  # checkpoint files: step-000012.pt (zero-padded: sorted names = sorted steps)
+CHECKPOINT_KEYS = {"step", "config", "trainable", "optimizer", "schedule", "rng", "cuda_rng", "losses"}
 
 
 def _checkpoint_path(folder: Path, step: int) -> Path:
@@ -124,8 +125,17 @@ def train(
     answer_logits_only: compute the vocabulary logits at the answer positions only
     (`answer_loss`): the same loss, without the largest activation of a small model.
     """
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 <= lr < math.inf:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: give at least one example with 'input', 'output' and 'task'")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(
@@ -219,10 +229,27 @@ def answer_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _resume(path: Path, model, opt, schedule, config: dict, steps: int, losses: list[float]) -> int:
-    """Load a checkpoint written by `train` into model, optimizer and schedule; returns its step."""
-    state = torch.load(
-        path, map_location="cpu", weights_only=False
-    )  # our own file: optimizer states hold Python objects
+    """Load a checkpoint written by `train` into model, optimizer and schedule; returns its step.
+
+    `weights_only=True`: torch's restricted unpickler builds tensors, numbers, strings, lists,
+    tuples and dicts (all that optimizer and schedule states hold) and refuses anything else.
+    A checkpoint is a file learners pass around; with `weights_only=False` loading it would
+    run whatever code was pickled into it.
+    """
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {path}: it holds more than tensors, numbers, strings, lists and dicts "
+            f"(a pickled object or callable, which loading would run). Only load checkpoints written by "
+            f"course.train.train, or delete it to start afresh. torch said: {str(err).splitlines()[0]}"
+        ) from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+        raise ValueError(
+            f"{path} is not a checkpoint of course.train.train (expected a dict with keys {sorted(CHECKPOINT_KEYS)})"
+        )
     if state["config"] != config:
         raise ValueError(
             f"the checkpoint {path} was saved by a run with {state['config']}, this run has {config}. "

@@ -1,59 +1,84 @@
-"""The notebook-08 graders pass a correct answer and reject plausible wrong ones."""
+"""The notebook-08 graders pass a correct answer and reject the stub and plausible wrong ones."""
 
 import pytest
 
 from course import checks
+from course.stats import difference_interval, rate_from, tie, wilson_interval
 
 
-def _ratio(rows, method, baseline):
-    by = {row["method"]: row["peak_memory_bytes"] for row in rows}
-    return by[method] / by[baseline]
+def _needed(pct1, pct2):
+    for n in range(100, 100_001, 100):
+        low, high = difference_interval(pct1 * n // 100, n, pct2 * n // 100, n)
+        if not low <= 0.0 <= high:
+            return n
+    return None
 
 
-def _cheapest(rows, bar):
-    good = [row for row in rows if row["exact_match"] >= bar]
-    return min(good, key=lambda row: row["peak_memory_bytes"])["method"] if good else None
+def _needed_by_overlap(pct1, pct2):  # stricter: waits until the two Wilson intervals no longer overlap
+    for n in range(100, 100_001, 100):
+        a, b = wilson_interval(pct1 * n // 100, n), wilson_interval(pct2 * n // 100, n)
+        if a[1] < b[0] or b[1] < a[0]:
+            return n
+    return None
 
 
-def test_memory_ratio_accepts_the_reference():
-    checks.check_memory_ratio(_ratio)
-
-
-@pytest.mark.parametrize(
-    "wrong",
-    [
-        lambda rows, m, b: _ratio(rows, b, m),  # upside down
-        lambda rows, m, b: rows[0]["peak_memory_bytes"] / rows[1]["peak_memory_bytes"],  # by position
-        lambda rows, m, b: round(_ratio(rows, m, b), 2),  # rounded
-    ],
-)
-def test_memory_ratio_rejects_wrong_answers(wrong):
-    with pytest.raises(AssertionError, match="memory_ratio"):
-        checks.check_memory_ratio(wrong)
-
-
-def test_cheapest_method_accepts_the_reference():
-    checks.check_cheapest_method(_cheapest)
+def test_examples_needed_accepts_the_reference():
+    checks.check_examples_needed(_needed)
 
 
 @pytest.mark.parametrize(
     "wrong",
     [
-        lambda rows, bar: min(rows, key=lambda r: r["peak_memory_bytes"])["method"],  # ignores the bar
-        lambda rows, bar: _cheapest([r for r in rows if r["exact_match"] > bar] or [], -1),  # > instead of >=
-        lambda rows, bar: max(rows, key=lambda r: r["exact_match"])["method"],  # the best, not the cheapest
-        lambda rows, bar: _cheapest(rows, bar) or "lora",  # never None
+        _needed_by_overlap,
+        lambda p1, p2: (_needed(p1, p2) or 100) - 100 or None,  # the last n that still ties
+        lambda p1, p2: _needed(p1, p2) or 100_000,  # equal rates "separate" at the end of the range
     ],
 )
-def test_cheapest_method_rejects_wrong_answers(wrong):
-    with pytest.raises(AssertionError, match="cheapest_method"):
-        checks.check_cheapest_method(wrong)
+def test_examples_needed_rejects_wrong_answers(wrong):
+    with pytest.raises(AssertionError, match="examples_needed"):
+        checks.check_examples_needed(wrong)
 
 
-def test_stubs_say_not_implemented():
+def _best(rows, n, max_memory_bytes):
+    fitting = [r for r in rows if r["peak_memory_bytes"] <= max_memory_bytes]
+    if not fitting:
+        return set()
+    best = rate_from(max(r["exact_match"] for r in fitting), n)
+    return {r["method"] for r in fitting if tie(rate_from(r["exact_match"], n), best)}
+
+
+def test_best_within_memory_accepts_the_reference():
+    checks.check_best_within_memory(_best)
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        # the single best, no ties
+        lambda rows, n, m: (
+            {max((r for r in rows if r["peak_memory_bytes"] <= m), key=lambda r: r["exact_match"])["method"]}
+            if any(r["peak_memory_bytes"] <= m for r in rows)
+            else set()
+        ),
+        lambda rows, n, m: _best(rows, n, 10**12),  # ignores the memory budget
+        # ties only on exactly equal scores
+        lambda rows, n, m: {
+            r["method"]
+            for r in rows
+            if r["peak_memory_bytes"] <= m
+            and r["exact_match"] == max(x["exact_match"] for x in rows if x["peak_memory_bytes"] <= m)
+        },
+    ],
+)
+def test_best_within_memory_rejects_wrong_answers(wrong):
+    with pytest.raises(AssertionError, match="best_within_memory"):
+        checks.check_best_within_memory(wrong)
+
+
+def test_stubs_fail_with_a_reminder():
     def stub(*args):
-        raise NotImplementedError
+        raise NotImplementedError("Your turn")
 
-    for grader in (checks.check_memory_ratio, checks.check_cheapest_method):
+    for grader in (checks.check_examples_needed, checks.check_best_within_memory):
         with pytest.raises(AssertionError, match="not implemented yet"):
             grader(stub)

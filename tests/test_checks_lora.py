@@ -150,3 +150,58 @@ def test_a_stub_fails_with_the_reminder():
     for grader in (checks.check_lora_forward, checks.check_lora_merge, checks.check_target_modules):
         with pytest.raises(AssertionError, match="not implemented yet"):
             grader(stub)
+
+
+# --- 01: LoRA training memory ---------------------------------------------------------------------
+
+
+def test_lora_training_bytes_accepts_the_reference():
+    checks.check_lora_training_bytes(lambda n, na, wb: n * wb + na * (4 + 4 + 8))
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        lambda n, na, wb: n * wb + na * (wb + wb + 8),  # adapters in the base's dtype
+        lambda n, na, wb: n * (2 * wb + 8) + na * 16,  # gradients and states for the frozen base too
+        lambda n, na, wb: n * wb + na * (4 + 8),  # forgets the adapters' gradients
+        lambda n, na, wb: (n + na) * wb,  # weights only
+    ],
+)
+def test_lora_training_bytes_rejects_wrong_answers(wrong):
+    with pytest.raises(AssertionError, match="lora_training_bytes"):
+        checks.check_lora_training_bytes(wrong)
+
+
+# --- 03: choosing r under a memory budget ----------------------------------------------------------
+
+from course.checks.lora import RANKS, choose_rank  # noqa: E402
+
+
+def test_choose_rank_accepts_the_reference():
+    checks.check_choose_rank(choose_rank)
+
+
+def _rank_weights_only(config, targets, budget):  # counts the fp32 adapter weights, not their state
+    fitting = [r for r in RANKS if config.lora_parameters(r, targets) * 4 <= budget]
+    return (fitting[-1], 2 * fitting[-1]) if fitting else None
+
+
+def _rank_strict(config, targets, budget):  # a state exactly as large as the budget is refused
+    fitting = [r for r in RANKS if config.lora_parameters(r, targets) * 16 < budget]
+    return (fitting[-1], 2 * fitting[-1]) if fitting else None
+
+
+def _rank_fixed_alpha(config, targets, budget):  # alpha stays 16 whatever r
+    got = choose_rank(config, targets, budget)
+    return None if got is None else (got[0], 16)
+
+
+def _rank_never_none(config, targets, budget):  # falls back to r = 1 when nothing fits
+    return choose_rank(config, targets, budget) or (1, 2)
+
+
+@pytest.mark.parametrize("wrong", [_rank_weights_only, _rank_strict, _rank_fixed_alpha, _rank_never_none])
+def test_choose_rank_rejects_wrong_answers(wrong):
+    with pytest.raises(AssertionError, match="choose_rank"):
+        checks.check_choose_rank(wrong)

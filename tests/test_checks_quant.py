@@ -54,6 +54,50 @@ def test_nf4_code_grader_rejects(wrong):
         checks.check_nf4_code(wrong)
 
 
+# --- max_code_error ------------------------------------------------------------------------
+
+from course.checks.quant import max_code_error  # noqa: E402
+
+
+def code_error_full_gap(code):  # the whole gap, not half of it
+    values = code.double().unique()
+    return max([*(values[1:] - values[:-1]).tolist(), float(values[0]) + 1, 1 - float(values[-1])])
+
+
+def code_error_unsorted(code):  # neighbours in storage order (FP4 is stored by bit pattern)
+    values = code.double()
+    return max(
+        [*((values[1:] - values[:-1]).abs() / 2).tolist(), float(values.min()) + 1, 1 - float(values.max())]
+    )
+
+
+def code_error_no_edges(code):  # forgets that -1 and +1 need not be code values
+    values = code.double().unique()
+    return float(((values[1:] - values[:-1]) / 2).max())
+
+
+def test_max_code_error_grader_accepts_reference(capsys):
+    checks.check_max_code_error(max_code_error)
+    assert "max_code_error: correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong", [code_error_full_gap, code_error_unsorted, code_error_no_edges])
+def test_max_code_error_grader_rejects(wrong):
+    with pytest.raises(AssertionError, match="max_code_error"):
+        checks.check_max_code_error(wrong)
+
+
+def test_max_code_error_bounds_the_real_quantizer():
+    """Every dequantized value lies within max_code_error(code) x absmax of the original, and nearly reaches it."""
+    x = torch.linspace(-1, 1, 4096)  # one block of 4096 values whose absmax is 1
+    for quant_type, code in (("nf4", Q.NF4_CODE), ("fp4", Q.FP4_CODE)):
+        err = (
+            Q.dequantize_4bit(Q.quantize_4bit(x, blocksize=4096, quant_type=quant_type)).reshape(-1) - x
+        ).abs()
+        assert float(err.max()) <= max_code_error(code) + 1e-6
+        assert float(err.max()) >= max_code_error(code) - 1e-3
+
+
 # --- quantize_block --------------------------------------------------------------------------
 
 

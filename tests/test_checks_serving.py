@@ -67,3 +67,47 @@ def test_route_requests_stub_says_not_implemented():
 
     with pytest.raises(AssertionError, match="not implemented yet"):
         checks.check_route_requests(stub)
+
+
+def _delta(x, adapters, names):
+    out = None
+    for name in names:
+        if name != "__base__" and name not in adapters:
+            raise ValueError(f"unknown tenant {name!r}")
+    for tenant, (A, B, scaling) in adapters.items():
+        rows = [i for i, name in enumerate(names) if name == tenant]
+        part = x[rows] @ A.T @ B.T * scaling  # (rows, T, in) @ (in, r) @ (r, out)
+        if out is None:
+            out = x.new_zeros(*x.shape[:-1], B.shape[0])
+        out[rows] += part
+    return out
+
+
+def test_mixed_lora_delta_accepts_the_reference():
+    checks.check_mixed_lora_delta(_delta)
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        # the first tenant's adapter for every adapted row
+        lambda x, ad, names: _delta(x, {t: next(iter(ad.values())) for t in ad}, names),
+        # forgets the scaling
+        lambda x, ad, names: _delta(x, {t: (A, B, 1.0) for t, (A, B, s) in ad.items()}, names),
+        # "__base__" rows fall back to the first tenant
+        lambda x, ad, names: _delta(x, ad, [next(iter(ad)) if n == "__base__" else n for n in names]),
+        # unknown tenants silently get no adapter
+        lambda x, ad, names: _delta(x, ad, [n if n in ad else "__base__" for n in names]),
+    ],
+)
+def test_mixed_lora_delta_rejects_wrong_answers(wrong):
+    with pytest.raises(AssertionError, match="mixed_lora_delta"):
+        checks.check_mixed_lora_delta(wrong)
+
+
+def test_mixed_lora_delta_stub_fails_with_a_reminder():
+    def stub(*args):
+        raise NotImplementedError("Your turn")
+
+    with pytest.raises(AssertionError, match="not implemented yet"):
+        checks.check_mixed_lora_delta(stub)

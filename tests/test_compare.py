@@ -94,14 +94,51 @@ ROWS = [
 ]
 
 
-def test_memory_ratio_and_cheapest_method():
+def test_memory_ratio():
     assert compare.memory_ratio(ROWS, "qlora_nf4", "lora") == 0.5
     assert compare.memory_ratio(ROWS, "qlora_nf4", "full") == 0.2
     with pytest.raises(ValueError, match="no row"):
         compare.memory_ratio(ROWS, "qlora_fp4", "lora")
-    assert compare.cheapest_meeting(ROWS, 0.9) == "qlora_nf4"
-    assert compare.cheapest_meeting(ROWS, 0.94) == "lora"
-    assert compare.cheapest_meeting(ROWS, 0.99) is None
+
+
+def test_choose_method_decides_only_beyond_the_noise():
+    # 93/100 may still reach 90%: the cheapest stays in, and the reason says it is unsure
+    choice = compare.choose_method(ROWS, 0.9, n=100)
+    assert choice.methods == ("qlora_nf4",) and "inside the interval of qlora_nf4" in choice.reason
+    # the same 93% measured on 10,000 examples is clearly below 95%: ruled out; on 100 it is not
+    assert compare.choose_method(ROWS, 0.95, n=10_000).methods == ("lora",)
+    assert compare.choose_method(ROWS, 0.95, n=100).methods == ("qlora_nf4",)
+    # nothing can reach 99% on 100 examples at 93-97%
+    assert compare.choose_method(ROWS, 0.99, n=100).methods == ()
+    # a 1 MiB difference in peak memory is a tie, not a choice (comparison.json's QLoRA rows)
+    mib = 2**20
+    close = [
+        {"method": "qlora_nf4", "peak_memory_bytes": 436 * mib, "exact_match": 0.97},
+        {"method": "qlora_by_hand", "peak_memory_bytes": 435 * mib, "exact_match": 0.97},
+        {"method": "lora", "peak_memory_bytes": 790 * mib, "exact_match": 0.99},
+    ]
+    tied = compare.choose_method(close, 0.9, n=100)
+    assert tied.methods == ("qlora_by_hand", "qlora_nf4") and "tie on memory" in tied.reason
+    assert compare.choose_method(close, 0.9, n=100, memory_noise=0.0).methods == ("qlora_by_hand",)
+    with pytest.raises(ValueError, match="min_exact_match"):
+        compare.choose_method(ROWS, 95, n=100)
+
+
+def test_format_table_gives_every_exact_match_its_interval():
+    rows = [
+        dict(
+            row,
+            trainable_params=1,
+            seconds_per_step=1.0,
+            tokens_per_second=1.0,
+            adapter_bytes=1,
+            perplexity=1.0,
+            steps=1,
+        )
+        for row in ROWS
+    ]
+    text = compare.format_table(rows, n=100)
+    assert "97% [92%-99%] (97/100)" in text and "93% [86%-97%] (93/100)" in text
 
 
 def test_merge_rows_replaces_by_method_in_canonical_order():

@@ -370,3 +370,82 @@ def test_ours_and_peft_train_identically_from_the_same_start(tokenizer):
     a = course.train.train(ours, tokenizer, dataset, **kwargs).losses
     b = course.train.train(theirs, tokenizer, dataset, **kwargs).losses
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+
+
+# --- half precision, non-finite values (issue 13) ----------------------------------------------
+
+
+def _half_layer_and_peft(dtype):
+    """Our LoRALinear and peft's around the same (out 256, in 64) base in `dtype`, same A and B (fp32)."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(64, 256).to(dtype))
+    theirs = _peft_model(copy.deepcopy(model), r=8, lora_alpha=16, target_modules=["proj"])
+    add_lora(model, ["proj"], r=8, alpha=16)
+    nn.init.normal_(model.proj.lora_B.weight, std=0.5)
+    _copy_adapters_into_peft(model, theirs)
+    return model, theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_half_precision_outputs_and_merges_equal_peft_bit_for_bit(dtype):
+    model, theirs = _half_layer_and_peft(dtype)
+    layer, peft_layer = model.proj, theirs.base_model.model.proj
+    assert layer.lora_A.weight.dtype == peft_layer.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(4, 64).to(dtype)
+    ours = model(x)
+    assert ours.dtype == dtype and torch.equal(ours, theirs(x))
+    # The counter-example: rounding the update to the base dtype before adding (the old forward).
+    with torch.no_grad():
+        update = layer.lora_B(layer.lora_A(x.float())) * layer.scaling
+        rounded_first = layer.base(x) + update.to(dtype)
+    if dtype != torch.float32:  # about a quarter of the outputs differ; this is what the check catches
+        assert (rounded_first != theirs(x)).float().mean() > 0.1
+    safe = copy.deepcopy(peft_layer)
+    layer.merge()
+    peft_layer.merge()  # peft's default merge: weight.data += delta_weight (fp32), rounded once
+    safe.merge(safe_merge=True)  # rounds delta_weight to the base dtype first, then adds
+    assert torch.equal(layer.base.weight, peft_layer.base_layer.weight)
+    assert torch.equal(layer.base.weight, safe.base_layer.weight) == (dtype == torch.float32)
+    layer.unmerge()
+    peft_layer.unmerge()
+    assert torch.equal(layer.base.weight, peft_layer.base_layer.weight)
+
+
+@pytest.mark.parametrize("alpha", [math.inf, -math.inf, math.nan])
+def test_non_finite_alpha_is_refused(alpha):
+    with pytest.raises(ValueError, match="alpha must be positive and finite"):
+        LoRALinear(nn.Linear(24, 40), r=4, alpha=alpha)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_merging_a_non_finite_adapter_is_refused_and_leaves_the_base_unchanged(bad):
+    layer = _layer()
+    with torch.no_grad():
+        layer.lora_B.weight[3, 1] = bad
+    before = layer.base.weight.clone()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.merge()
+    assert torch.equal(layer.base.weight, before) and not layer.merged
+    finite = _layer()
+    finite.merge()
+    with torch.no_grad():
+        finite.lora_A.weight[0, 0] = bad  # broken after merging: unmerge must not write it either
+    merged = finite.base.weight.clone()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        finite.unmerge()
+    assert torch.equal(finite.base.weight, merged) and finite.merged
+
+
+def test_load_adapter_refuses_a_missing_or_foreign_file(tiny, tmp_path):
+    with pytest.raises(ValueError, match="no adapter file"):
+        load_adapter(tiny, tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_adapter(tiny, tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="no adapter metadata"):
+        load_adapter(tiny, tmp_path / "plain.safetensors")
+    assert not lora_layers(tiny)

@@ -128,3 +128,21 @@ def test_quantized_variants_load_on_cpu(quantization):
     assert isinstance(layer, bnb.nn.Linear4bit if quantization == "nf4" else bnb.nn.Linear8bitLt)
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_load_model_reads_weights_only_from_safetensors(tmp_path):
+    """A folder holding only a pickled pytorch_model.bin is refused: unpickling it could run code."""
+    model = course.models.tiny_model(vocab_size=1000, num_hidden_layers=1)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="model.safetensors"):
+        course.models.load_model(str(tmp_path), device="cpu")
+
+
+def test_load_model_refuses_odd_arguments_before_loading():
+    with pytest.raises(TypeError, match="torch.dtype"):
+        course.models.load_model(dtype="fp16")
+    with pytest.raises(ValueError, match="device must be"):
+        course.models.load_model(device="quantum")
+    with pytest.raises(TypeError, match="non-empty string"):
+        course.models.model_path(None)

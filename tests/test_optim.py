@@ -280,3 +280,85 @@ def test_update_error_is_recorded_once_per_step_and_zero_at_the_start():
         opt.zero_grad()
     assert len(errors) == 3 and errors[0] == 0.0  # zero states round-trip exactly
     assert all(0 < e < 0.1 for e in errors[1:])
+
+
+# --- state dicts, non-finite values (issue 13) ------------------------------------------------
+
+
+def _toy_run(dtype, n, reload_at, tmp_path):
+    """12 steps of Adam8bit on one parameter of n elements; optionally save, reload (torch.save/load), go on."""
+    gen = torch.Generator().manual_seed(1)
+    p = torch.nn.Parameter((torch.randn(n, generator=gen) * 0.1).to(dtype))
+    opt = Adam8bit([p], lr=1e-2, weight_decay=1e-2)
+    for step in range(12):
+        p.grad = torch.randn(n, generator=gen).to(dtype)
+        opt.step()
+        if step == reload_at:
+            torch.save(opt.state_dict(), tmp_path / "opt.pt")
+            opt = Adam8bit([p], lr=1e-2, weight_decay=1e-2)
+            opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    return p.detach().clone(), opt.state[p]
+
+
+@pytest.mark.parametrize("n", [8192, 100])  # 8-bit states, and fp32 states (under min_8bit_size)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_adam8bit_save_reload_continue_is_bit_identical(dtype, n, tmp_path):
+    straight, state = _toy_run(dtype, n, None, tmp_path)
+    reloaded, state_reloaded = _toy_run(dtype, n, 5, tmp_path)
+    assert torch.equal(straight, reloaded)
+    kinds = {k: (v.dtype, v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    assert kinds == {k: (v.dtype, v.shape) for k, v in state_reloaded.items() if isinstance(v, torch.Tensor)}
+    assert state_reloaded["m"].dtype == (torch.uint8 if n >= 4096 else torch.float32)
+    assert all(torch.equal(v, state_reloaded[k]) for k, v in state.items() if isinstance(v, torch.Tensor))
+
+
+def test_adam8bit_reload_keeps_the_code_shared(tmp_path):
+    params = [torch.nn.Parameter(torch.randn(8192)) for _ in range(3)]
+    opt = Adam8bit(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    fresh = Adam8bit(params)
+    fresh.load_state_dict(opt.state_dict())
+    assert optimizer_state_bytes(fresh) == optimizer_state_bytes(opt)
+
+
+def test_adam8bit_refuses_a_foreign_state_dict():
+    p = torch.nn.Parameter(torch.randn(8192))
+    adamw = torch.optim.AdamW([p])
+    p.grad = torch.randn_like(p)
+    adamw.step()
+    with pytest.raises(ValueError, match="not an Adam8bit state"):
+        Adam8bit([p]).load_state_dict(adamw.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(eps=float("nan")), dict(lr=float("inf")), dict(lr=float("nan")), dict(weight_decay=float("nan"))]
+    + [dict(betas=(float("nan"), 0.999)), dict(betas=0.9), dict(lr=True), dict(min_8bit_size=-1)],
+)
+def test_adam8bit_refuses_non_finite_and_odd_hyperparameters(kwargs):
+    with pytest.raises(ValueError):
+        Adam8bit([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_is_refused_before_anything_changes(bad):
+    big, small = torch.nn.Parameter(torch.randn(8192)), torch.nn.Parameter(torch.randn(10))
+    opt = Adam8bit([big, small], lr=1e-2)
+    big.grad, small.grad = torch.randn(8192), torch.randn(10)
+    opt.step()  # states exist now
+    before = [big.detach().clone(), small.detach().clone()]
+    states = {
+        i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+        for i, p in enumerate((big, small))
+    }
+    big.grad, small.grad = torch.randn(8192), torch.randn(10)
+    small.grad[3] = bad  # the second parameter: the first must not have moved either
+    with pytest.raises(ValueError, match="NaN or inf"):
+        opt.step()
+    assert torch.equal(big, before[0]) and torch.equal(small, before[1])
+    for i, p in enumerate((big, small)):
+        for k, v in states[i].items():
+            now = opt.state[p][k]
+            assert torch.equal(now, v) if isinstance(v, torch.Tensor) else now == v

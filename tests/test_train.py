@@ -234,3 +234,88 @@ def test_resume_ignores_a_half_written_checkpoint_and_refuses_other_settings(tok
         train.train(other, tokenizer, dataset, **hyper)
     with pytest.raises(ValueError, match="checkpoint_every"):
         train.train(_adapted_tiny(), tokenizer, dataset, **{**hyper, "checkpoint_every": 0})
+
+
+# --- resuming safely, with any optimizer (issue 13) ---------------------------------------------
+
+
+class _InterruptedAdam8bit(course.optim.Adam8bit):
+    """Adam8bit (8-bit states for tensors of >= 256 elements) that raises inside step `after_steps + 1`."""
+
+    def __init__(self, params, after_steps: int | None = None):
+        super().__init__(params, lr=3e-3, min_8bit_size=256)
+        self.after_steps, self.calls = after_steps, 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.after_steps is not None and self.calls > self.after_steps:
+            raise _Interrupted
+        return super().step(closure)
+
+
+def test_resume_with_adam8bit_ends_identical_to_an_uninterrupted_run(tokenizer, tmp_path):
+    dataset = data.load_task("ticket_routing", "train").select(range(12))
+    hyper = dict(steps=6, lr=3e-3, batch_size=4, seed=3, progress=False)
+    torch.manual_seed(5)
+    uninterrupted = _adapted_tiny()
+    reference = train.train(uninterrupted, tokenizer, dataset, optimizer=_InterruptedAdam8bit, **hyper)
+    torch.manual_seed(5)
+    with pytest.raises(_Interrupted):
+        train.train(
+            _adapted_tiny(),
+            tokenizer,
+            dataset,
+            optimizer=lambda params: _InterruptedAdam8bit(params, after_steps=3),
+            checkpoint_dir=tmp_path,
+            checkpoint_every=2,
+            **hyper,
+        )
+    saved = torch.load(train.latest_checkpoint(tmp_path), weights_only=True)["optimizer"]["state"]
+    assert {s["m"].dtype for s in saved.values()} == {torch.uint8, torch.float32}  # both kinds of state
+    torch.manual_seed(99)
+    resumed_model = _adapted_tiny()
+    resumed = train.train(
+        resumed_model,
+        tokenizer,
+        dataset,
+        optimizer=_InterruptedAdam8bit,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=2,
+        **hyper,
+    )
+    assert resumed.resumed_from == 2 and resumed.losses == reference.losses
+    final, want = course.lora.lora_state_dict(resumed_model), course.lora.lora_state_dict(uninterrupted)
+    assert all(torch.equal(final[k], want[k]) for k in want)
+
+
+def test_a_checkpoint_carrying_a_pickled_callable_is_refused(tokenizer, tmp_path):
+    dataset = data.load_task("ticket_routing", "train").select(range(4))
+    hyper = dict(steps=1, lr=3e-3, batch_size=4, progress=False, checkpoint_dir=tmp_path)
+    train.train(_adapted_tiny(), tokenizer, dataset, **hyper)
+    path = train.latest_checkpoint(tmp_path)
+    state = torch.load(path, weights_only=True)  # what train writes loads under weights_only
+    state["losses"] = print  # a callable: unpickling it would import and hand back any global
+    torch.save(state, path)
+    model = _adapted_tiny()
+    before = course.lora.lora_state_dict(model)
+    with pytest.raises(ValueError, match="refusing to load"):
+        train.train(model, tokenizer, dataset, **{**hyper, "steps": 2})
+    after = course.lora.lora_state_dict(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(lr=float("nan")), ValueError, "lr must be a finite"),
+        (dict(lr=float("inf")), ValueError, "lr must be a finite"),
+        (dict(steps="3"), TypeError, "steps must be an int"),
+        (dict(batch_size=2.0), TypeError, "batch_size must be an int"),
+    ],
+)
+def test_train_refuses_odd_arguments(tiny, tokenizer, kwargs, error, match):
+    dataset = data.load_task("ticket_routing", "train").select(range(4))
+    with pytest.raises(error, match=match):
+        train.train(tiny, tokenizer, dataset, **{"steps": 1, "lr": 1e-3, **kwargs})
+    with pytest.raises(ValueError, match="dataset is empty"):
+        train.train(tiny, tokenizer, dataset.select([]), steps=1, lr=1e-3)

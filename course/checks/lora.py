@@ -24,6 +24,38 @@ def check_full_finetuning_bytes(fn: Callable) -> None:
     grader.passed(len(cases))
 
 
+def check_lora_training_bytes(fn: Callable) -> None:
+    """fn(n_params, n_adapter, weight_bytes) -> weights + gradients + AdamW bytes of LoRA training.
+
+    The frozen base (n_params at weight_bytes) has no gradients and no optimizer states; the
+    n_adapter adapter parameters are fp32 (course.memory.ADAPTER_BYTES) with fp32 gradients and
+    two fp32 Adam moments: 4 + 4 + 8 bytes each, whatever the base's dtype.
+    """
+    from course.memory import ADAPTER_BYTES, OPTIMIZER_BYTES
+
+    grader = _Grader("lora_training_bytes")
+    rng = random.Random(2)
+    cases = [(134_515_008, 4_884_480, 4), (6_738_415_616, 39_976_960, 2), (1000, 10, 1)]
+    cases += [
+        (rng.randint(10**6, 10**11), rng.randint(10**3, 10**8), rng.choice([1, 2, 4])) for _ in range(9)
+    ]
+    for n_params, n_adapter, weight_bytes in cases:
+        got = _run(
+            grader,
+            fn,
+            (n_params, n_adapter, weight_bytes),
+            f"fn({n_params:,}, {n_adapter:,}, {weight_bytes})",
+        )
+        want = n_params * weight_bytes + n_adapter * (2 * ADAPTER_BYTES + OPTIMIZER_BYTES["adamw"])
+        grader.expect(
+            isinstance(got, (int, float)) and abs(got - want) < 0.5,
+            f"for a base of {n_params:,} parameters at {weight_bytes} bytes and {n_adapter:,} adapter "
+            f"parameters: expected {want:,} bytes, got {got!r}. Hint: which parameters have a gradient and "
+            "optimizer states? And in which dtype does the course keep the adapters, whatever the base's?",
+        )
+    grader.passed(len(cases))
+
+
 def _lora_case(gen, batch: tuple, in_features: int, out_features: int, r: int):
     import torch
 
@@ -218,5 +250,53 @@ def check_target_modules(fn: Callable) -> None:
             f"{missing[:3]}. Hint: a name matches a target when it equals it or ends with '.' + target: "
             "'layers.1.mlp.down_proj' must not match 'model.layers.11.mlp.down_proj', and 'proj' "
             "matches no module (it is not a whole name part).",
+        )
+    grader.passed(len(cases))
+
+
+RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def choose_rank(config, target_modules, budget_bytes):
+    """The reference of check_choose_rank: the largest power-of-two r whose adapter training state fits."""
+    from course.memory import ADAPTER_BYTES, OPTIMIZER_BYTES
+
+    per_param = 2 * ADAPTER_BYTES + OPTIMIZER_BYTES["adamw"]  # fp32 weight + gradient + m + v
+    fitting = [r for r in RANKS if config.lora_parameters(r, target_modules) * per_param <= budget_bytes]
+    return (fitting[-1], 2 * fitting[-1]) if fitting else None
+
+
+def check_choose_rank(fn: Callable) -> None:
+    """fn(config, target_modules, budget_bytes) -> (r, alpha) or None, as `choose_rank`."""
+    from course.memory import load_model_config
+
+    grader = _Grader("choose_rank")
+    rng = random.Random(3)
+    smol, llama = load_model_config("smollm2-135m"), load_model_config("llama-2-7b")
+    qv, every = ["q_proj", "v_proj"], "all-linear"
+    cases = [
+        (smol, every, 100 * 2**20),
+        (smol, every, 16 * smol.lora_parameters(16, every)),  # exactly the state of r = 16: it fits
+        (smol, every, 16 * smol.lora_parameters(16, every) - 1),  # one byte short
+        (smol, qv, 2**20),
+        (llama, every, 2**30),
+        (llama, qv, 1000),  # not even r = 1 fits
+    ]
+    for _ in range(10):
+        config, targets = (
+            rng.choice([smol, llama]),
+            rng.choice([qv, every, ["q_proj", "k_proj", "v_proj", "o_proj"]]),
+        )
+        cases.append(
+            (config, targets, 16 * config.lora_parameters(rng.choice(RANKS), targets) + rng.randint(-5, 5))
+        )
+    for config, targets, budget in cases:
+        got = _run(grader, fn, (config, targets, budget), f"fn({config.name}, {targets!r}, {budget:,})")
+        want = choose_rank(config, targets, budget)
+        grader.expect(
+            got == want or (want is not None and isinstance(got, tuple) and tuple(got) == want),
+            f"for {config.name}, targets {targets!r} and a budget of {budget:,} bytes: expected {want}, got "
+            f"{got!r}. Hint: count what the optimizer step needs for each adapter parameter, not only the "
+            "weight itself; a state exactly as large as the budget fits; alpha keeps alpha / r = 2.",
         )
     grader.passed(len(cases))

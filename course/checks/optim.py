@@ -4,7 +4,7 @@ import math
 import random
 from collections.abc import Callable
 
-from course.checks._grader import _block_result, _Grader, _run
+from course.checks._grader import _Grader, _run
 
 OPTIMIZERS = ("adam", "adam8bit", "sgd_momentum")
 
@@ -44,34 +44,44 @@ def check_state_bytes(fn: Callable) -> None:
     grader.passed(len(cases))
 
 
-def check_quantize_state_block(fn: Callable) -> None:
-    """fn(block, code) -> (indices, absmax): one block of an optimizer state to the 256-value dynamic map."""
-    import torch
+def _pages_to_evict(
+    budget: int, resident: int, activations: int, n_pages: int, page_bytes: int
+) -> int | None:
+    """The reference: fewest whole state pages to evict so that a step's activations fit, None if impossible."""
+    overflow = resident + n_pages * page_bytes + activations - budget
+    if overflow <= 0:
+        return 0
+    pages = math.ceil(overflow / page_bytes)
+    return pages if pages <= n_pages else None
 
-    from course.quant import dynamic_code
 
-    grader = _Grader("quantize_state_block")
-    gen = torch.Generator().manual_seed(6)
-    signed, unsigned = dynamic_code(signed=True), dynamic_code(signed=False)
-    cases = []
-    for size in (1, 5, 100, 256):
-        # Optimizer states span decades: m ~ gradients of every size, v = their squares (>= 0).
-        m = torch.randn(size, generator=gen) * 10 ** (-6 * torch.rand(size, generator=gen))
-        cases += [(m, signed), (m * m, unsigned), (-m.abs(), signed)]
-    for block, code in cases:
-        name = "m (signed map)" if code is signed else "v (unsigned map)"
-        result = _run(
-            grader, fn, (block.clone(), code.clone()), f"fn(<{name} block of {block.numel()}>, code)"
-        )
-        indices, absmax = _block_result(grader, result, block, f"for a {name} block")
-        idx = indices.long()
-        in_range = bool(((idx >= 0) & (idx < 256)).all())
-        distance = (block / block.abs().max()).unsqueeze(1).sub(code.unsqueeze(0)).abs()  # (n, 256)
-        chosen = distance.gather(1, idx.clamp(0, 255).unsqueeze(1)).squeeze(1)
+def check_pages_to_evict(fn: Callable) -> None:
+    """fn(budget, resident, activations, n_pages, page_bytes) -> pages to move to the host, or None."""
+    grader = _Grader("pages_to_evict")
+    rng = random.Random(6)
+    page = 2 * 2**20
+    cases = [
+        (100 * page, 50 * page, 10 * page, 40, page),  # fits exactly: nothing moves
+        (100 * page, 50 * page, 10 * page + 1, 40, page),  # one byte over: a whole page
+        (100 * page, 50 * page, 50 * page, 40, page),  # all 40 pages must go
+        (100 * page, 50 * page, 50 * page + 1, 40, page),  # more than the whole state: impossible
+        (100 * page, 99 * page, 2 * page, 3, page),  # activations alone exceed the free memory
+    ]
+    for _ in range(10):
+        page_bytes = rng.choice([4096, 2**20, 2 * 2**20])
+        n_pages = rng.randint(1, 500)
+        resident = rng.randint(0, 10**9)
+        budget = resident + n_pages * page_bytes + rng.randint(-n_pages * page_bytes, 10**8)
+        cases.append((budget, resident, rng.randint(0, 2 * n_pages * page_bytes), n_pages, page_bytes))
+    for budget, resident, activations, n_pages, page_bytes in cases:
+        call = f"fn(budget={budget:,}, resident={resident:,}, activations={activations:,}, n_pages={n_pages}, page_bytes={page_bytes:,})"
+        got = _run(grader, fn, (budget, resident, activations, n_pages, page_bytes), call)
+        want = _pages_to_evict(budget, resident, activations, n_pages, page_bytes)
         grader.expect(
-            in_range and bool((chosen <= distance.min(dim=1).values + 1e-7).all()),
-            f"for a {name} block: expected the nearest code, indices {distance.argmin(dim=1)[:6].tolist()}..., "
-            f"got {idx[:6].tolist()}.... Hint: divide by absmax, then take the argmin of |scaled - code| "
-            "over the 256 code values (use the code you are given: unsigned for v).",
+            (got is None and want is None)
+            or (want is not None and got == want and not isinstance(got, bool)),
+            f"{call}: expected {want!r}, got {got!r}. Hint: everything on the device (resident, the pages, the "
+            "activations) must fit in the budget; evicting a page frees page_bytes, and only whole pages move. "
+            "If even an empty state leaves too little room, no paging helps.",
         )
     grader.passed(len(cases))

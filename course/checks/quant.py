@@ -3,7 +3,7 @@
 import random
 from collections.abc import Callable
 
-from course.checks._grader import _block_result, _Grader
+from course.checks._grader import _block_result, _Grader, _run
 
 
 def _fmt(values) -> str:
@@ -46,6 +46,37 @@ def check_nf4_code(fn: Callable) -> None:
             "Hint: the quantile of a probability p is statistics.NormalDist().inv_cdf(p).",
         )
     grader.passed(len(offsets))
+
+
+def max_code_error(code) -> float:
+    """The reference of check_max_code_error: worst |s - nearest code value| over s in [-1, 1]."""
+    values = code.double().unique()  # sorted, duplicates once
+    half_gaps = (values[1:] - values[:-1]) / 2  # a value halfway between two neighbours
+    edges = [float(values[0]) + 1, 1 - float(values[-1])]  # -1 or +1 when the code does not reach them
+    return max([*half_gaps.tolist(), *edges])
+
+
+def check_max_code_error(fn: Callable) -> None:
+    """fn(code) -> the largest error |s - c| of a scaled value s in [-1, 1] and its nearest code value c."""
+    import torch
+
+    from course.quant import FP4_CODE, INT4_CODE, NF4_CODE
+
+    grader = _Grader("max_code_error")
+    gen = torch.Generator().manual_seed(4)
+    cases = [NF4_CODE, INT4_CODE, FP4_CODE, torch.tensor([-0.5, 0.0, 0.5]), torch.tensor([0.9, -1.0, 0.2])]
+    for n in (2, 5, 16):
+        cases.append(torch.rand(n, generator=gen) * 1.8 - 0.9)  # neither -1 nor +1 is a code value
+    for code in cases:
+        got = _run(grader, fn, (code.clone(),), f"fn({_fmt(code)})")
+        want = max_code_error(code)
+        grader.expect(
+            isinstance(got, (int, float, torch.Tensor)) and abs(float(got) - want) < 1e-6,
+            f"for the code {_fmt(code)}: expected {want:.4f}, got {got!r}. Hint: where in [-1, 1] is a value "
+            "farthest from every code value? Look between neighbours (are the values in order?) and at the two "
+            "ends of the interval.",
+        )
+    grader.passed(len(cases))
 
 
 def check_quantize_block(fn: Callable) -> None:

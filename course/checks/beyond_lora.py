@@ -15,7 +15,7 @@ def check_group_pool(fn: Callable) -> None:
     """fn(x, group_size) -> (..., in / group_size): the mean of each group of consecutive features."""
     import torch
 
-    from course.variants import group_pool
+    from course.qalora import group_pool
 
     grader = _Grader("group_pool")
     gen = torch.Generator().manual_seed(9)

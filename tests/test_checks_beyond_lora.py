@@ -1,4 +1,4 @@
-"""The notebook-09 graders pass a correct answer and reject plausible wrong ones."""
+"""The notebook-09 graders (course.checks.beyond_lora) pass a correct answer and reject plausible wrong ones."""
 
 import pytest
 import torch

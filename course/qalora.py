@@ -1,7 +1,7 @@
-"""Two ideas beyond LoRA, by hand: QA-LoRA's mergeable INT4 adapter and LongLoRA's S2-Attn.
+"""QA-LoRA by hand (Xu et al. 2023): a LoRA adapter that merges into an INT4 base exactly.
 
-QA-LoRA (Xu et al. 2023). Quantize W group-wise: every row is cut into groups of L input
-columns and each group stores 4-bit codes c with one scale s and one zero-point z,
+Quantize W group-wise: every row is cut into groups of L input columns and each group stores
+4-bit codes c with one scale s and one zero-point z,
 
     W[o, j] = s[o, g] * c[o, j] + z[o, g]          g = j // L
 
@@ -14,10 +14,12 @@ QA-LoRA average-pools the adapter's input over the same groups, so lora_A has in
 The update is then scaling * (B A)[o, g] / L for every column j of group g: one number per
 (row, group), exactly the shape of z. Merging adds it to z; codes and scales stay as they are.
 
-LongLoRA (Chen et al. 2023), shifted sparse attention (S2-Attn): during fine-tuning at a long
-context, each token attends only inside its group of G consecutive tokens; half of the heads
-see groups shifted by G/2, so information crosses group borders. Cost per layer is
-O(n G) instead of O(n^2). At inference the model uses full attention again.
+The price is capacity: the adapter sees in/L numbers per token instead of in (18 instead of
+576 for SmolLM2's q_proj at L = 32), and its input, a mean of L features, is about sqrt(L)
+times smaller than one feature when they are weakly correlated, so the same learning rate
+moves the output less. The paper quantizes the base with GPTQ (error-compensating rounding);
+we use min-max rounding (round to the nearest level between the group's min and max), which
+is simpler and has a larger quantization error, but the merge argument is the same.
 """
 
 import math
@@ -26,8 +28,6 @@ import torch
 from torch import nn
 
 from course.lora import find_target_modules
-
-# --- QA-LoRA --------------------------------------------------------------------------------
 
 
 def quantize_groupwise(weight: torch.Tensor, group_size: int = 32, bits: int = 4):
@@ -39,12 +39,14 @@ def quantize_groupwise(weight: torch.Tensor, group_size: int = 32, bits: int = 4
     [-1.0, 0.0, 0.5, 2.0] -> zero -1.0, scale (2 - -1) / 3 = 1.0, codes [0, 1, 2, 3]
     (0.5 sits at 1.5 steps, halfway, and rounds to even: 2).
     """
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"quantize_groupwise needs a floating-point torch.Tensor, got {_describe(weight)}")
     if weight.dim() != 2:
         raise ValueError(
             f"quantize_groupwise needs a 2-D weight (out_features, in_features), got {weight.shape}"
         )
     _check_group_size(weight.shape[1], group_size)
-    if not 1 <= bits <= 8:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8 (codes are stored in uint8), got {bits}")
     out_features, in_features = weight.shape
     groups = weight.detach().reshape(out_features, in_features // group_size, group_size)  # (out, G, L)
@@ -55,8 +57,17 @@ def quantize_groupwise(weight: torch.Tensor, group_size: int = 32, bits: int = 4
     return codes.to(torch.uint8).reshape(out_features, in_features), scales, low
 
 
+def _describe(x) -> str:
+    return f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def _check_group_size(in_features: int, group_size: int) -> None:
-    if not isinstance(group_size, int) or group_size <= 0 or in_features % group_size:
+    if (
+        not isinstance(group_size, int)
+        or isinstance(group_size, bool)
+        or group_size <= 0
+        or in_features % group_size
+    ):
         divisors = [d for d in (16, 32, 64, 128) if in_features % d == 0]
         raise ValueError(
             f"group_size must divide in_features = {in_features} (each group shares one scale and zero-point), "
@@ -108,6 +119,10 @@ def group_pool(x: torch.Tensor, group_size: int) -> torch.Tensor:
     >>> group_pool(torch.tensor([1.0, 3.0, 2.0, 6.0]), 2)
     tensor([2., 4.])
     """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(
+            f"group_pool needs a floating-point torch.Tensor (..., in_features), got {_describe(x)}"
+        )
     _check_group_size(x.shape[-1], group_size)
     return x.unflatten(-1, (-1, group_size)).mean(-1)  # (..., G, L) -> (..., G)
 
@@ -131,12 +146,12 @@ class QALoRALinear(nn.Module):
         if base.group_size != group_size:
             raise ValueError(f"the base is quantized with group_size={base.group_size}, not {group_size}")
         n_groups = base.in_features // group_size
-        if not isinstance(r, int) or not 0 < r <= min(n_groups, base.out_features):
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= min(n_groups, base.out_features):
             raise ValueError(
                 f"r must be in 1..min(in_features / group_size, out_features) = "
                 f"1..{min(n_groups, base.out_features)}, got r={r!r}"
             )
-        if not alpha > 0:
+        if not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"alpha must be positive (scaling = alpha / r), got {alpha!r}")
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.group_size, self.scaling = r, alpha, group_size, alpha / r
@@ -205,156 +220,3 @@ def quantize_layers_groupwise(model: nn.Module, target_modules, group_size: int 
     for name in names:
         _replace(model, name, GroupQuantLinear.from_linear(model.get_submodule(name), group_size, bits))
     return names
-
-
-# --- LongLoRA S2-Attn -------------------------------------------------------------------------
-
-
-def _check_groups(seq_len: int, group_size: int) -> None:
-    if not isinstance(group_size, int) or group_size < 2 or group_size % 2 or seq_len % group_size:
-        raise ValueError(
-            f"S2-Attn needs an even group size G that divides the sequence length; got G={group_size!r} for "
-            f"{seq_len} tokens. Pack or pad the sequences to a multiple of G, or pick another G."
-        )
-
-
-def s2_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, shift: bool = True, scaling=None
-) -> torch.Tensor:
-    """Causal attention inside groups of `group_size` tokens; half of the heads shifted by G/2.
-
-    q, k, v: (batch, heads, seq, head_dim), seq a multiple of G (else ValueError: we do not pad
-    silently; `packed_batches` builds training rows of a fixed, divisible length).
-    Returns (batch, heads, seq, head_dim).
-    As LongLoRA's reference code: heads[H//2:] are rolled by -G/2 along the sequence, the
-    sequence is cut into seq/G groups attended causally, and those heads' outputs are rolled
-    back by +G/2. The roll wraps around: in the shifted heads the last group holds the last
-    G/2 tokens followed by the first G/2, so the first G/2 tokens also see the last ones.
-    """
-    batch, heads, seq, head_dim = q.shape
-    _check_groups(seq, group_size)
-    half = group_size // 2
-    if shift:
-        q, k, v = (
-            torch.cat([t[:, : heads // 2], t[:, heads // 2 :].roll(-half, dims=2)], 1) for t in (q, k, v)
-        )
-    n_groups = seq // group_size
-    # 4-D (B, H * n/G, G, D): every group is one "head" of length G, the shape SDPA's fused CPU kernel takes
-    q, k, v = (t.reshape(batch, heads * n_groups, group_size, head_dim) for t in (q, k, v))
-    out = nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=scaling
-    )  # (B, H * n/G, G, D)
-    out = out.reshape(batch, heads, seq, head_dim)  # (B, H, T, D)
-    if shift:
-        out = torch.cat([out[:, : heads // 2], out[:, heads // 2 :].roll(half, dims=2)], 1)
-    return out
-
-
-def s2_attention_mask(seq_len: int, group_size: int, shifted: bool) -> torch.Tensor:
-    """(seq, seq) bool: may token i attend to token j? The explicit form of s2_attention's pattern.
-
-    Unshifted heads: same group (i // G == j // G) and j <= i. Shifted heads: the same in the
-    rolled order, where token t sits at position (t - G/2) mod seq.
-    """
-    _check_groups(seq_len, group_size)
-    position = torch.arange(seq_len)
-    if shifted:
-        position = (position - group_size // 2) % seq_len
-    same_group = (position[:, None] // group_size) == (position[None, :] // group_size)
-    return same_group & (position[None, :] <= position[:, None])
-
-
-S2_ATTN = "s2_attn"  # the name registered with transformers' AttentionInterface
-
-
-def s2_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' attention-function signature around s2_attention (for `attn_implementation`).
-
-    key/value come with the model's KV heads: repeat them for grouped-query attention. The
-    group size and shift are read from the model config (`s2_group_size`, `s2_shift`).
-    Returns (B, T, H, D), None.
-    """
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    if query.shape[2] != key.shape[2]:
-        raise ValueError(
-            "S2-Attn is a training-time attention over whole sequences; for generation with a cache, "
-            'switch back with model.set_attn_implementation("sdpa")'
-        )
-    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
-    config = module.config
-    out = s2_attention(query, key, value, config.s2_group_size, shift=config.s2_shift, scaling=scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def use_s2_attention(model, group_size: int, shift: bool = True) -> None:
-    """Switch a transformers model to S2-Attn (training); `model.set_attn_implementation("sdpa")` undoes it.
-
-    transformers builds no attention mask for a registered custom function: s2_attention is
-    causal by itself. Train on full-length rows (`packed_batches`): no padding, no mask needed.
-    """
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(S2_ATTN, s2_attention_forward)
-    model.config.s2_group_size, model.config.s2_shift = group_size, shift
-    model.set_attn_implementation(S2_ATTN)
-
-
-def longlora_trainable(model, embeddings: bool = True, norms: bool = True) -> list[str]:
-    """LongLoRA's "LoRA+": also train the embeddings and normalization layers; returns their names."""
-    names = []
-    for name, param in model.named_parameters():
-        if (embeddings and "embed" in name) or (norms and "norm" in name):
-            param.requires_grad_(True)
-            names.append(name)
-    return names
-
-
-def packed_batches(tokenizer, dataset, seq_len: int, batch_size: int, steps: int, seed: int = 0):
-    """`steps` batches of `batch_size` rows, each exactly `seq_len` tokens of concatenated examples.
-
-    Long-context training data from short examples: tokenized examples (completion-only labels,
-    `course.data.tokenize_for_training`) are laid end to end in a seeded order and cut into rows
-    of `seq_len`, so no row needs padding and S2-Attn's groups divide every row.
-    """
-    from course.data import tokenize_for_training
-
-    generator = torch.Generator().manual_seed(seed)
-    ids: list[int] = []
-    labels: list[int] = []
-    need = seq_len * batch_size * steps
-    while len(ids) < need:
-        for i in torch.randperm(len(dataset), generator=generator).tolist():
-            example = tokenize_for_training(tokenizer, dataset[i])
-            ids += example["input_ids"]
-            labels += example["labels"]
-            if len(ids) >= need:
-                break
-    ids_t = torch.tensor(ids[:need]).view(steps, batch_size, seq_len)  # (steps, B, T)
-    labels_t = torch.tensor(labels[:need]).view(steps, batch_size, seq_len)  # (steps, B, T)
-    for step in range(steps):
-        yield {"input_ids": ids_t[step], "labels": labels_t[step]}
-
-
-def loftq_init(weight: torch.Tensor, r: int, num_iter: int = 1, blocksize: int = 64):
-    """LoftQ (Li et al. 2023): a 4-bit Q and a rank-r L R with Q + L R close to W; returns (Q, A, B).
-
-    Alternate: Q = NF4(W - L R) and L R = the top-r SVD of W - Q, starting from L R = 0, as
-    peft's `loftq_init` (NF4, blocksize 64, no double quantization; A = R, B = L, unscaled).
-    Written here because peft 0.21.2 runs it on "cuda" only; course.quant is bit-exact with
-    bitsandbytes' NF4, so the result is the same quantization.
-    """
-    from course.quant import dequantize_4bit, quantize_4bit
-
-    if num_iter <= 0:
-        raise ValueError(f"num_iter must be at least 1, got {num_iter}")
-    weight = weight.detach().float()
-    residual = weight
-    for i in range(num_iter):
-        dequantized = dequantize_4bit(quantize_4bit(residual, blocksize, "nf4"))  # (out, in)
-        U, S, Vh = torch.linalg.svd(weight - dequantized, full_matrices=False)
-        B = U[:, :r] * S[:r].sqrt()  # L: (out, r)
-        A = S[:r].sqrt()[:, None] * Vh[:r]  # R: (r, in)
-        if i + 1 < num_iter:
-            residual = weight - B @ A
-    return dequantized, A, B

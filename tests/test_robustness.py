@@ -1,0 +1,258 @@
+"""Bad inputs across the public API: each is refused at the door, by `course`, and changes nothing.
+
+One row per bad input: the module, a factory that builds the call `(fn, args, kwargs)` from
+fresh objects, the exception (ValueError, or TypeError for a wrong type) and a regex that the
+message must match: the part that says what was expected. For every row the test checks
+1. the exception type and message,
+2. that the innermost frame of the traceback is in the `course` package (not deep inside
+   torch, json or Python: a learner should read our message, not a library's), and
+3. that every tensor reachable from the arguments (modules' parameters and buffers, an
+   optimizer's parameters and states) is bit-identical afterwards.
+The variants modules (QA-LoRA, LongLoRA, LoftQ, DoRA) are checked by their own tests.
+"""
+
+import math
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import course
+from course import data, env, lora, memory, models, optim, quant, serving, train
+
+COURSE_DIR = str(Path(course.__file__).resolve().parent)
+
+
+@dataclass
+class Case:
+    module: str
+    what: str
+    make: object  # (tokenizer, tmp_path) -> (fn, args, kwargs)
+    error: type
+    match: str
+
+
+def _tensors(obj, seen=None):
+    """Every tensor reachable from obj: tensors, modules, optimizers, lists, tuples, dicts."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, nn.Module):
+        yield from obj.state_dict(keep_vars=True).values()
+    elif isinstance(obj, torch.optim.Optimizer):
+        for group in obj.param_groups:
+            yield from group["params"]
+        for state in obj.state.values():
+            yield from _tensors(state)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def _snapshot(objects):
+    return [
+        t.detach().clone()
+        for t in _tensors(objects)
+        if isinstance(t, torch.Tensor) and t.device.type != "meta"
+    ]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical, NaN in the same places counting as equal (a row may hold a NaN on purpose)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    return torch.equal(a, b)
+
+
+# --- inputs the rows share ---------------------------------------------------------------------
+
+
+def _lora_layer(**change):
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(16, 8), r=2, alpha=4)
+    nn.init.normal_(layer.lora_B.weight)
+    with torch.no_grad():
+        for name, value in change.items():
+            getattr(layer, name).weight[0, 0] = value
+    return layer
+
+
+def _tiny():
+    return models.tiny_model(seed=0, num_hidden_layers=1, vocab_size=1000)
+
+
+def _optimizer_with_grads(bad_grad=None):
+    big, small = nn.Parameter(torch.randn(4096)), nn.Parameter(torch.randn(8))
+    opt = optim.Adam8bit([big, small])
+    big.grad, small.grad = torch.randn(4096), torch.randn(8)
+    opt.step()
+    big.grad, small.grad = torch.randn(4096), torch.randn(8)
+    if bad_grad is not None:
+        small.grad[0] = bad_grad
+    return opt
+
+
+def _linear4bit():
+    return quant.Linear4bit.from_linear(nn.Linear(64, 32))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _task_dir(tmp_path: Path, line: str) -> Path:
+    _write(tmp_path / "event_extraction" / "train.jsonl", '{"input": "a", "output": "b"}\n' + line + "\n")
+    return tmp_path
+
+
+def _empty_task_dir(tmp_path: Path) -> Path:
+    _write(tmp_path / "event_extraction" / "train.jsonl", "")
+    return tmp_path
+
+
+def _adapters(A_shape=(2, 16), B_shape=(8, 2)):
+    return {"t": (torch.randn(A_shape), torch.randn(B_shape), 2.0)}
+
+
+# fmt: off
+CASES = [
+    # models
+    Case("models", "unknown model name", lambda tok, tmp: (models.load_model, ("no-such-model",), {}), ValueError, "Course models"),
+    Case("models", "model name not a string", lambda tok, tmp: (models.model_path, (123,), {}), TypeError, "non-empty string"),
+    Case("models", "unknown quantization", lambda tok, tmp: (models.load_model, (), {"quantization": "int4"}), ValueError, "quantization must be one of"),
+    Case("models", "dtype given as a string", lambda tok, tmp: (models.load_model, (), {"dtype": "fp32"}), TypeError, "torch.dtype"),
+    Case("models", "unknown device", lambda tok, tmp: (models.load_model, (), {"device": "quantum"}), ValueError, "device must be"),
+    Case("models", "tiny_model seed not an int", lambda tok, tmp: (models.tiny_model, ("0",), {}), TypeError, "seed must be an int"),
+    # env
+    Case("env", "seed not an int", lambda tok, tmp: (env.seed_everything, (1.5,), {}), ValueError, "seed must be an int"),
+    Case("env", "negative seed", lambda tok, tmp: (env.seed_everything, (-1,), {}), ValueError, "seed must be an int >= 0"),
+    Case("env", "unknown device", lambda tok, tmp: (env.compute_dtype, ("quantum",), {}), ValueError, "device must be"),
+    # data
+    Case("data", "unknown task", lambda tok, tmp: (data.load_task, ("poetry",), {}), ValueError, "Known tasks"),
+    Case("data", "unknown split", lambda tok, tmp: (data.load_task, ("ticket_routing", "test_12h"), {}), ValueError, "Splits"),
+    Case("data", "missing task file", lambda tok, tmp: (data.load_task, ("event_extraction",), {"data_dir": tmp}), ValueError, "does not exist.*python -m course.data"),
+    Case("data", "malformed JSONL", lambda tok, tmp: (data.load_task, ("event_extraction",), {"data_dir": _task_dir(tmp, '{"input": "x", ')}), ValueError, "line 2: not valid JSON"),
+    Case("data", "JSONL line without output", lambda tok, tmp: (data.load_task, ("event_extraction",), {"data_dir": _task_dir(tmp, '{"input": "x"}')}), ValueError, 'line 2: expected an object with string fields "input" and "output"'),
+    Case("data", "JSONL line not an object", lambda tok, tmp: (data.load_task, ("event_extraction",), {"data_dir": _task_dir(tmp, "[1, 2]")}), ValueError, "line 2: expected an object"),
+    Case("data", "empty JSONL", lambda tok, tmp: (data.load_task, ("event_extraction",), {"data_dir": _empty_task_dir(tmp)}), ValueError, "holds no examples"),
+    Case("data", "example without task", lambda tok, tmp: (data.format_prompt, (tok, {"input": "hi"}), {}), ValueError, "example\\['task'\\] must be one of"),
+    Case("data", "example without output", lambda tok, tmp: (data.tokenize_for_training, (tok, {"input": "hi", "task": "ticket_routing"}), {}), ValueError, 'needs a string "output"'),
+    Case("data", "collate of nothing", lambda tok, tmp: (data.collate, ([], 2), {}), ValueError, "non-empty list"),
+    Case("data", "collate with a string pad id", lambda tok, tmp: (data.collate, ([{"input_ids": [1], "labels": [1]}], "2"), {}), TypeError, "pad_id must be an int"),
+    Case("data", "collate with ragged labels", lambda tok, tmp: (data.collate, ([{"input_ids": [1, 2], "labels": [1]}], 2), {}), ValueError, "same length"),
+    Case("data", "exact_match of unequal lengths", lambda tok, tmp: (data.exact_match, (["a"], ["a", "b"]), {}), ValueError, "1 predictions for 2 references"),
+    Case("data", "exact_match of a string", lambda tok, tmp: (data.exact_match, ("abc", "abd"), {}), TypeError, "list of strings"),
+    Case("data", "exact_match of numbers", lambda tok, tmp: (data.exact_match, ([1], [1]), {}), TypeError, "list of strings"),
+    Case("data", "field_accuracy of nothing", lambda tok, tmp: (data.field_accuracy, ([], []), {}), ValueError, "at least one example"),
+    # lora
+    Case("lora", "rank zero", lambda tok, tmp: (lora.LoRALinear, (nn.Linear(16, 8),), {"r": 0, "alpha": 4}), ValueError, "rank r must be an integer"),
+    Case("lora", "rank as a float", lambda tok, tmp: (lora.LoRALinear, (nn.Linear(16, 8),), {"r": 2.5, "alpha": 4}), ValueError, "rank r must be an integer"),
+    Case("lora", "alpha inf", lambda tok, tmp: (lora.LoRALinear, (nn.Linear(16, 8),), {"r": 2, "alpha": math.inf}), ValueError, "positive and finite"),
+    Case("lora", "alpha nan", lambda tok, tmp: (lora.LoRALinear, (nn.Linear(16, 8),), {"r": 2, "alpha": math.nan}), ValueError, "positive and finite"),
+    Case("lora", "alpha a string", lambda tok, tmp: (lora.LoRALinear, (nn.Linear(16, 8),), {"r": 2, "alpha": "16"}), TypeError, "alpha must be a number"),
+    Case("lora", "dropout 1", lambda tok, tmp: (lora.LoRALinear, (nn.Linear(16, 8),), {"r": 2, "alpha": 4, "dropout": 1.0}), ValueError, r"dropout must be in \[0, 1\)"),
+    Case("lora", "unknown init", lambda tok, tmp: (lora.LoRALinear, (nn.Linear(16, 8),), {"r": 2, "alpha": 4, "init": "pissa"}), ValueError, "init must be one of"),
+    Case("lora", "wrapping an embedding", lambda tok, tmp: (lora.LoRALinear, (nn.Embedding(10, 4),), {"r": 2, "alpha": 4}), ValueError, "wraps a linear layer"),
+    Case("lora", "targets that match nothing", lambda tok, tmp: (lora.add_lora, (_tiny(), ["qkv"]), {"r": 2, "alpha": 4}), ValueError, "matches no module.*q_proj"),
+    Case("lora", "empty targets", lambda tok, tmp: (lora.add_lora, (_tiny(), []), {"r": 2, "alpha": 4}), ValueError, "target_modules is empty"),
+    Case("lora", "merge of a NaN adapter", lambda tok, tmp: (_lora_layer(lora_B=math.nan).merge, (), {}), ValueError, "NaN or inf"),
+    Case("lora", "merge of an inf adapter", lambda tok, tmp: (_lora_layer(lora_A=math.inf).merge, (), {}), ValueError, "NaN or inf"),
+    Case("lora", "missing adapter file", lambda tok, tmp: (lora.load_adapter, (_tiny(), tmp / "none.safetensors"), {}), ValueError, "no adapter file"),
+    Case("lora", "save without adapters", lambda tok, tmp: (lora.save_adapter, (_tiny(), tmp / "a.safetensors"), {}), ValueError, "no LoRA layers"),
+    # quant
+    Case("quant", "a list, not a tensor", lambda tok, tmp: (quant.quantize_4bit, ([0.1, 0.2],), {}), ValueError, "torch.Tensor"),
+    Case("quant", "an integer tensor", lambda tok, tmp: (quant.quantize_4bit, (torch.arange(64),), {}), ValueError, "floating-point"),
+    Case("quant", "float64", lambda tok, tmp: (quant.quantize_4bit, (torch.randn(64, dtype=torch.float64),), {}), ValueError, "fp32, fp16, bf16"),
+    Case("quant", "an empty tensor", lambda tok, tmp: (quant.quantize_4bit, (torch.zeros(4, 0),), {}), ValueError, "empty"),
+    Case("quant", "NaN", lambda tok, tmp: (quant.quantize_4bit, (torch.tensor([0.5, math.nan]),), {}), ValueError, "NaN or inf"),
+    Case("quant", "inf in 8 bits", lambda tok, tmp: (quant.quantize_blockwise_8bit, (torch.tensor([0.5, math.inf]),), {}), ValueError, "NaN or inf"),
+    Case("quant", "a meta tensor", lambda tok, tmp: (quant.quantize_4bit, (torch.empty(64, device="meta"),), {}), ValueError, "meta device"),
+    Case("quant", "blocksize 48", lambda tok, tmp: (quant.quantize_4bit, (torch.randn(64),), {"blocksize": 48}), ValueError, "blocksize must be one of 32, 64"),
+    Case("quant", "blocksize True", lambda tok, tmp: (quant.quantize_blockwise_8bit, (torch.randn(64),), {"blocksize": True}), ValueError, "power of two"),
+    Case("quant", "unknown quant_type", lambda tok, tmp: (quant.quantize_4bit, (torch.randn(64),), {"quant_type": "nf8"}), ValueError, "quant_type must be one of"),
+    Case("quant", "a code of 300 values", lambda tok, tmp: (quant.quantize_blockwise_8bit, (torch.randn(64), torch.linspace(-1, 1, 300)), {}), ValueError, "2..256 values"),
+    Case("quant", "dequantize a plain tensor", lambda tok, tmp: (quant.dequantize_4bit, (torch.zeros(4, dtype=torch.uint8),), {}), ValueError, "Quantized4bit"),
+    Case("quant", "dequantize 8-bit float codes", lambda tok, tmp: (quant.dequantize_blockwise_8bit, (torch.zeros(4), None), {}), ValueError, "uint8"),
+    Case("quant", "dynamic code without exponent bits", lambda tok, tmp: (quant.dynamic_code, (True, 0, 8), {}), ValueError, "use max_exponent_bits >= 1"),
+    Case("quant", "Linear4bit, wrong input width", lambda tok, tmp: (_linear4bit(), (torch.randn(2, 63),), {}), ValueError, "in_features=64"),
+    Case("quant", "Linear4bit of a 1-D weight", lambda tok, tmp: (quant.Linear4bit, (quant.quantize_4bit(torch.randn(64)),), {}), ValueError, "2-D weight"),
+    # optim
+    Case("optim", "negative lr", lambda tok, tmp: (optim.Adam8bit, ([nn.Parameter(torch.zeros(3))],), {"lr": -1.0}), ValueError, "lr must be a finite number"),
+    Case("optim", "eps nan", lambda tok, tmp: (optim.Adam8bit, ([nn.Parameter(torch.zeros(3))],), {"eps": math.nan}), ValueError, "eps and weight_decay must be finite"),
+    Case("optim", "beta of 1", lambda tok, tmp: (optim.Adam8bit, ([nn.Parameter(torch.zeros(3))],), {"betas": (0.9, 1.0)}), ValueError, r"betas must be two numbers in \[0, 1\)"),
+    Case("optim", "a NaN gradient", lambda tok, tmp: (_optimizer_with_grads(math.nan).step, (), {}), ValueError, "NaN or inf"),
+    Case("optim", "AdamW's state dict", lambda tok, tmp: (optim.Adam8bit([nn.Parameter(torch.zeros(3))]).load_state_dict, ({"state": {0: {"step": 1, "exp_avg": torch.zeros(3)}}, "param_groups": [{"params": [0]}]},), {}), ValueError, "not an Adam8bit state"),
+    Case("optim", "state bytes of a module", lambda tok, tmp: (optim.optimizer_state_bytes, (nn.Linear(2, 2),), {}), ValueError, "torch.optim.Optimizer"),
+    Case("optim", "a page larger than the device", lambda tok, tmp: (optim.PagingSimulator, (1000, 0, [torch.zeros(100, dtype=torch.uint8)]), {"page_bytes": 2000}), ValueError, "larger than the device budget"),
+    Case("optim", "an empty trace", lambda tok, tmp: (optim.PagingSimulator(1000, 0, [torch.zeros(100, dtype=torch.uint8)], page_bytes=10).replay, ([],), {}), ValueError, "non-empty list"),
+    # memory
+    Case("memory", "measure_peak of a number", lambda tok, tmp: (memory.measure_peak, (42,), {}), TypeError, "pass a function"),
+    Case("memory", "unknown model config", lambda tok, tmp: (memory.load_model_config, ("gpt-9",), {}), ValueError, "Known:"),
+    Case("memory", "unknown method", lambda tok, tmp: (memory.estimate_training_memory, ("smollm2-135m", "prefix"), {}), ValueError, "method must be one of"),
+    Case("memory", "unknown optimizer", lambda tok, tmp: (memory.estimate_training_memory, ("smollm2-135m", "lora"), {"optimizer": "adafactor"}), ValueError, "optimizer must be one of"),
+    # train
+    Case("train", "zero steps", lambda tok, tmp: (train.train, (_tiny(), tok, data.load_task("ticket_routing").select(range(2))), {"steps": 0, "lr": 1e-3}), ValueError, "must be positive"),
+    Case("train", "lr nan", lambda tok, tmp: (train.train, (_tiny(), tok, data.load_task("ticket_routing").select(range(2))), {"steps": 1, "lr": math.nan}), ValueError, "lr must be a finite number"),
+    Case("train", "steps as a string", lambda tok, tmp: (train.train, (_tiny(), tok, data.load_task("ticket_routing").select(range(2))), {"steps": "1", "lr": 1e-3}), TypeError, "steps must be an int"),
+    Case("train", "unknown optimizer", lambda tok, tmp: (train.train, (_tiny(), tok, data.load_task("ticket_routing").select(range(2))), {"steps": 1, "lr": 1e-3, "optimizer": "sgd"}), ValueError, "'adamw' or a callable"),
+    Case("train", "a frozen model", lambda tok, tmp: (train.train, (_tiny().requires_grad_(False), tok, data.load_task("ticket_routing").select(range(2))), {"steps": 1, "lr": 1e-3}), ValueError, "no trainable parameters"),
+    Case("train", "an empty dataset", lambda tok, tmp: (train.train, (_tiny(), tok, []), {"steps": 1, "lr": 1e-3}), ValueError, "dataset is empty"),
+    # serving
+    Case("serving", "unknown tenant", lambda tok, tmp: (serving.check_tenants, (["acme"], ["globex"]), {}), ValueError, "unknown tenant.*'acme'.*knows 'globex'"),
+    Case("serving", "fewer names than rows", lambda tok, tmp: (serving.mixed_lora_linear, (torch.randn(3, 16), nn.Linear(16, 8), _adapters(), ["t"]), {}), ValueError, "one adapter name per row"),
+    Case("serving", "input of the wrong width", lambda tok, tmp: (serving.mixed_lora_linear, (torch.randn(1, 15), nn.Linear(16, 8), _adapters(), ["t"]), {}), ValueError, "in_features=16"),
+    Case("serving", "an adapter of the wrong shape", lambda tok, tmp: (serving.mixed_lora_linear, (torch.randn(1, 16), nn.Linear(16, 8), _adapters(A_shape=(2, 12)), ["t"]), {}), ValueError, r"expected A \(r, 16\)"),
+    Case("serving", "max_new_tokens 0", lambda tok, tmp: (serving.AdapterServer, (_tiny(), tok), {"max_new_tokens": 0}), ValueError, "positive int"),
+    Case("serving", "a server of a string", lambda tok, tmp: (serving.AdapterServer, ("smollm2", tok), {}), TypeError, "torch.nn.Module"),
+    Case("serving", "a folder without an adapter", lambda tok, tmp: (serving.AdapterServer(_tiny(), tok).add_tenant, ("acme", tmp), {}), ValueError, "not an adapter folder"),
+    Case("serving", "the base name as a tenant", lambda tok, tmp: (serving.AdapterServer(_tiny(), tok).add_tenant, (serving.BASE, tmp), {}), ValueError, "non-empty string other than"),
+    Case("serving", "no requests", lambda tok, tmp: (serving.AdapterServer(_tiny(), tok).generate, ([],), {}), ValueError, r"list of \(tenant, prompt\) pairs"),
+]
+# fmt: on
+
+
+def test_the_table_covers_every_module_with_enough_rows():
+    assert len(CASES) >= 40
+    assert {c.module for c in CASES} >= {
+        "models",
+        "data",
+        "lora",
+        "quant",
+        "optim",
+        "memory",
+        "train",
+        "serving",
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.module}: {c.what}" for c in CASES])
+def test_bad_input_is_refused_at_the_door_and_changes_nothing(case, tokenizer, tmp_path):
+    fn, args, kwargs = case.make(tokenizer, tmp_path)
+    before = _snapshot([fn.__self__ if hasattr(fn, "__self__") else None, args, kwargs, fn])
+    with pytest.raises(case.error, match=case.match) as info:
+        fn(*args, **kwargs)
+    assert info.type in (ValueError, TypeError) or issubclass(info.type, (ValueError, TypeError))
+    assert not (case.error is ValueError and info.type is TypeError)
+    where = traceback.extract_tb(info.tb)[-1].filename
+    assert str(Path(where).resolve()).startswith(COURSE_DIR), f"raised in {where}, not by course"
+    after = _snapshot([fn.__self__ if hasattr(fn, "__self__") else None, args, kwargs, fn])
+    assert len(after) == len(before)
+    assert all(_same(a, b) for a, b in zip(after, before, strict=True)), "an input was changed"
+
+
+def test_the_snapshot_sees_an_in_place_change():
+    """The 'changes nothing' check can fail: an update in place is caught."""
+    opt = _optimizer_with_grads()
+    before = _snapshot([opt])
+    opt.step()
+    after = _snapshot([opt])
+    assert not all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
