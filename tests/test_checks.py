@@ -1,7 +1,10 @@
 """Graders reject plausible wrong answers, not only the stub."""
 
+import inspect
+
 import pytest
 
+import course
 from course import checks, data
 
 
@@ -94,3 +97,16 @@ def _field_accuracy_by_text(predictions, references):  # looks for '"field": "va
 def test_field_accuracy_grader_rejects_wrong_answers(wrong):
     with pytest.raises(AssertionError, match="field_accuracy"):
         checks.check_field_accuracy(wrong)
+
+
+@pytest.mark.parametrize("name", course.checks.__all__)
+def test_every_grader_refuses_a_non_callable_with_a_type_error(name):
+    # Passing the result (or a typo'd name) instead of the function is a usage error, not a wrong answer.
+    grader = getattr(course.checks, name)
+    required = [
+        p
+        for p in inspect.signature(grader).parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    with pytest.raises(TypeError, match="expected your function"):
+        grader(42, *([None] * (len(required) - 1)))

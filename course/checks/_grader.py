@@ -3,6 +3,10 @@
 from collections.abc import Callable
 
 
+class NotCallable(TypeError):
+    """A grader was given something other than a function: a usage error, not a wrong answer."""
+
+
 class _Grader:
     """Context for one grader: turns NotImplementedError and mismatches into clear failures."""
 
@@ -10,6 +14,11 @@ class _Grader:
         self.exercise = exercise
 
     def call(self, fn: Callable, *args):
+        if not callable(fn):
+            raise NotCallable(
+                f"{self.exercise}: expected your function (the name defined in the cell above, without calling it), "
+                f"got a {type(fn).__name__}."
+            )
         try:
             return fn(*args)
         except NotImplementedError:
@@ -29,7 +38,7 @@ def _run(grader: _Grader, fn: Callable, args: tuple, call: str):
     """grader.call, plus: an exception inside the learner's code becomes a failure that names the input."""
     try:
         return grader.call(fn, *args)
-    except AssertionError:
+    except (AssertionError, NotCallable):
         raise
     except Exception as err:  # a shape mismatch, a typo: say where, not a traceback from the grader
         raise AssertionError(f"{grader.exercise}: {call} raised {type(err).__name__}: {err}") from None
