@@ -31,7 +31,16 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import course
-from course.compare import METHODS, Budget, format_table, memory_ratio, merge_rows, run_method
+from course.compare import (
+    METHODS,
+    Budget,
+    exact_match_rate,
+    format_table,
+    memory_ratio,
+    merge_rows,
+    run_method,
+)
+from course.stats import difference_interval, tie
 
 RESULTS = Path(__file__).resolve().parent / "results"
 JSON_PATH, MD_PATH = RESULTS / "comparison.json", RESULTS / "comparison.md"
@@ -68,6 +77,7 @@ def _ratio_lines(rows: list[dict]) -> list[str]:
 
 def write_report(rows: list[dict], meta: dict) -> None:
     by = {row["method"]: row for row in rows}
+    n_test = len(course.data.load_task("event_extraction", "test"))  # every row scores the whole split
     bits = course.quant.qlora_bits_per_param(64, 256)
     lines = [
         "# Full fine-tuning vs LoRA vs QLoRA (benchmarks/comparison.py)",
@@ -85,21 +95,30 @@ def write_report(rows: list[dict], meta: dict) -> None:
         if m in meta
     ]
     total = sum(meta[m]["seconds_in_all"] for m in by if m in meta)
-    lines += ["", "```", format_table(rows), "```", ""]
+    lines += ["", "```", format_table(rows, n=n_test), "```", ""]
+    lines += [f"Exact match carries its 95% Wilson interval (course.stats), on {n_test} test examples.", ""]
     lines += [
         f"Whole comparison (load, train, save, evaluate each method): {total / 60:.1f} min (goal: <= 30).",
         "",
     ]
     if "lora" in by:
-        lines += ["## Quality: exact match against LoRA (goal: within 5 points)", ""]
+        lines += [
+            "## Quality: exact match against LoRA (goal: within 5 points)",
+            "",
+            "The difference carries Newcombe's 95% interval; where it holds 0 the two are a tie within the noise.",
+            "",
+        ]
+        lora = exact_match_rate(by["lora"], n_test)
         for m in ("qlora_nf4", "qlora_fp4", "qlora_by_hand", "full"):
             if m in by:
+                rate = exact_match_rate(by[m], n_test)
                 gap = by[m]["exact_match"] - by["lora"]["exact_match"]
+                low, high = difference_interval(rate.successes, rate.n, lora.successes, lora.n)
                 met = round(100 * gap, 6) >= -100 * MAX_EM_GAP  # in whole points: 5.0, not 5.000000000000004
-                verdict = "" if m == "full" else (" (met)" if met else " (not met)")
+                verdict = "" if m == "full" else (" (goal met)" if met else " (goal not met)")
                 lines.append(
-                    f"- {m}: {by[m]['exact_match']:.0%} vs LoRA {by['lora']['exact_match']:.0%}: "
-                    f"{100 * gap:+.0f} points{verdict}"
+                    f"- {m}: {rate} vs LoRA {lora}: {100 * gap:+.0f} points, interval "
+                    f"[{100 * low:+.1f}, {100 * high:+.1f}]: {'a tie' if tie(rate, lora) else 'different'}{verdict}"
                 )
         lines.append("")
     ratio_lines = _ratio_lines(rows)
@@ -136,7 +155,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--steps", type=int, default=Budget.steps)
     parser.add_argument("--note", default="", help="free text for the report, e.g. 'machine shared'")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite comparison.md from the stored rows, run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        rows = json.loads(JSON_PATH.read_text())
+        write_report(rows, json.loads(META_PATH.read_text()))
+        return rows
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:

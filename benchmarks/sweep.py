@@ -14,7 +14,8 @@ Parts: (1) learning rate x rank (alpha = r, all linear layers); (2) alpha at r=1
 modules at r=16; (4) overfitting: a long run on a few examples, validation loss every few steps;
 (5) what fine-tuning costs: perplexity on a general text (data/smart_home/general_text.txt)
 before and after full fine-tuning, LoRA and QLoRA (Biderman et al. 2024).
-Writes benchmarks/results/sweep.{json,md,png}. --quick runs the tiny random model (a smoke test).
+Writes benchmarks/results/sweep.{json,md,png}. --quick runs the tiny random model (a smoke test);
+--only overfit re-runs part 4 alone and replaces it in the existing report (about 3 minutes).
 """
 
 import argparse
@@ -41,6 +42,9 @@ DATA = ROOT / "data" / "smart_home"
 SYSTEM = "Reply with one call: lights(room, level), heat(room, celsius) or timer(minutes)."
 MAX_LENGTH = 96  # tokens; the shipped file's one rambling row is longer and is dropped (reported)
 STEPS, BATCH, SEED = 10, 6, 0
+# (4) overfitting: 8 examples cannot cover the task's rooms, levels and minutes, so after the format is learned
+# the model memorizes those 8 answers and the validation loss turns upward (16 examples were too many to show it)
+OVERFIT = {"examples": 8, "lr": 3e-3, "batch_size": 4, "steps": 40, "eval_every": 2}
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -125,6 +129,7 @@ def lora(base, r, alpha, targets):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model, 2 steps: a smoke test")
+    parser.add_argument("--only", choices=["overfit"], help="re-run one part into the existing report")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     tokenizer = course.models.load_tokenizer()
@@ -137,6 +142,31 @@ def main(argv=None) -> dict:
         if args.quick:
             return course.models.tiny_model()
         return course.models.load_model(quantization=quantization, device="cpu")[0]
+
+    def overfitting() -> dict:  # (4)
+        few = train[: OVERFIT["examples"]]
+        steps_4 = 2 if args.quick else OVERFIT["steps"]
+        settings = {k: OVERFIT[k] for k in ("lr", "batch_size", "eval_every")}
+        result = fit(lora(base(), 16, 16, LINEAR), few, validation, pad, steps=steps_4, **settings)
+        low = min(result["curve"], key=lambda point: point[1])
+        print(
+            f"overfit  lowest validation loss {low[1]:.3f} at step {low[0]}, last {result['curve'][-1][1]:.3f}"
+        )
+        return {
+            **OVERFIT,
+            "steps": steps_4,
+            "curve": result["curve"],
+            "train_losses": result["train_losses"],
+            "machine": machine,
+        }
+
+    machine = f"{platform.machine()} CPU x{torch.get_num_threads()} threads, {date.today().isoformat()}"
+    if args.only == "overfit":
+        report = json.loads((RESULTS / "sweep.json").read_text())
+        report["overfit"] = overfitting()
+        if not args.quick:
+            write(report)
+        return report
 
     runs = []
 
@@ -178,17 +208,7 @@ def main(argv=None) -> dict:
             fit(lora(base(), 16, 16, targets), train, validation, pad, steps=steps, lr=1e-3),
         )
 
-    few = train[:16]  # (4) overfitting: 16 examples, seen 15 times each
-    overfit = fit(
-        lora(base(), 16, 16, LINEAR),
-        few,
-        validation,
-        pad,
-        steps=8 * steps // 3,
-        lr=3e-3,
-        batch_size=6,
-        eval_every=2,
-    )
+    overfit = overfitting()
 
     general = (DATA / "general_text.txt").read_text(encoding="utf-8").splitlines()
     forgetting = {}  # (5) general ability before / after
@@ -231,22 +251,20 @@ def main(argv=None) -> dict:
         "steps": steps,
         "batch_size": BATCH,
         "runs": runs,
-        "overfit": {
-            "examples": len(few),
-            "lr": 3e-3,
-            "batch_size": 6,
-            "curve": overfit["curve"],
-            "train_losses": overfit["train_losses"],
-        },
+        "overfit": overfit,
         "forgetting": {"before": {k: before[k] for k in ("loss", "hits", "n", "perplexity")}, **forgetting},
-        "machine": f"{platform.machine()} CPU x{torch.get_num_threads()} threads, {date.today().isoformat()}",
+        "machine": machine,
     }
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "sweep.json").write_text(json.dumps(report, indent=1))
-        (RESULTS / "sweep.md").write_text(markdown(report))
-        course.plots.sweep_panels(report).savefig(RESULTS / "sweep.png", dpi=80)
+        write(report)
     return report
+
+
+def write(report: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sweep.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / "sweep.md").write_text(markdown(report))
+    course.plots.sweep_panels(report).savefig(RESULTS / "sweep.png", dpi=80)
 
 
 def markdown(report: dict) -> str:
@@ -270,7 +288,9 @@ def markdown(report: dict) -> str:
     best = min(curve, key=lambda point: point[1])
     lines += [
         "",
-        f"Overfitting: {report['overfit']['examples']} examples, lr {report['overfit']['lr']:.0e}: validation loss "
+        f"Overfitting ({report['overfit']['machine']}): {report['overfit']['examples']} examples, "
+        f"{report['overfit']['steps']} steps of batch {report['overfit']['batch_size']}, "
+        f"lr {report['overfit']['lr']:.0e}: validation loss "
         + ", ".join(f"{loss:.2f}@{step}" for step, loss in curve)
         + f"; lowest at step {best[0]}, last {curve[-1][1]:.2f}.",
         "",

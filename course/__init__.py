@@ -5,6 +5,13 @@ is imported on first attribute access, so a notebook pays only for what it uses.
 """
 
 import importlib
+import logging
+
+# bitsandbytes 0.50, on a CPU with AVX512-BF16, looks for an optional Hub kernel package (`kernels`) when it is
+# imported and logs a warning without it. The course never uses that kernel (and runs offline), so this one
+# logger is muted here, once: every notebook's bootstrap cell imports `course` before anything imports
+# bitsandbytes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -25,10 +25,13 @@ def pick_device() -> torch.device:
 
 
 def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
-    """bf16 on a GPU that supports it (Ampere or newer), fp32 everywhere else.
+    """bf16 on a GPU that has it (Ampere or newer), fp16 on one that does not, fp32 elsewhere.
 
-    The QLoRA recipe computes in bf16 (`bnb_4bit_compute_dtype`); on CPU, fp32 is both
-    faster and exact, so the course uses it there.
+    The QLoRA recipe computes in bf16 (`bnb_4bit_compute_dtype`). A T4 (Colab's free GPU, compute
+    capability 7.5) or a V100 (7.0) has no bf16 units but fast fp16 ones: fp16 halves the
+    activations there, and training in it needs loss scaling (`course.train` does it), since
+    fp16's smallest normal number is 6e-5 and small gradients would round to zero. On CPU,
+    fp32 is both faster and exact, so the course uses it there.
     """
     try:
         device = torch.device(device) if device is not None else pick_device()
@@ -36,9 +39,17 @@ def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
         raise ValueError(
             f"device must be a torch.device or a name like 'cpu' or 'cuda', got {device!r}"
         ) from None
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def trainer_precision(device: torch.device | str | None = None) -> dict[str, bool]:
+    """The `bf16` and `fp16` flags of transformers' `TrainingArguments` (and TRL's `SFTConfig`)
+    for `compute_dtype(device)`: what every Trainer in the course passes instead of `bf16=True`,
+    which a T4 refuses. fp16 there turns on the Trainer's own loss scaling."""
+    dtype = compute_dtype(device)
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
 def seed_everything(seed: int = 0) -> None:

@@ -37,9 +37,9 @@ def sft_config(output_dir, *, max_length: int, learning_rate: float, **overrides
     """An `SFTConfig` with the course's settings, bf16 only where the hardware has it."""
     from trl import SFTConfig
 
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    precision = {"bf16": bf16, "fp16": cuda and not bf16, "use_cpu": not cuda}
+    from course.env import trainer_precision
+
+    precision = {**trainer_precision(), "use_cpu": not torch.cuda.is_available()}
     return SFTConfig(
         output_dir=str(output_dir),
         max_length=max_length,

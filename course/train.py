@@ -124,6 +124,10 @@ def train(
 
     answer_logits_only: compute the vocabulary logits at the answer positions only
     (`answer_loss`): the same loss, without the largest activation of a small model.
+
+    A model that computes in fp16 (a frozen fp16 base, e.g. on a T4 where `compute_dtype` is
+    fp16) trains with dynamic loss scaling (`grad_scaler`); its trainable parameters must be
+    fp32, as LoRA adapters are.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
         if not isinstance(value, int) or isinstance(value, bool):
@@ -141,6 +145,7 @@ def train(
         raise ValueError(
             "the model has no trainable parameters (did you freeze everything and add no adapter?)"
         )
+    scaler = grad_scaler(model, params)
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     elif callable(optimizer):
@@ -165,7 +170,7 @@ def train(
     }
     folder = None if checkpoint_dir is None else Path(checkpoint_dir)
     if folder is not None and (path := latest_checkpoint(folder)) is not None:
-        result.resumed_from = _resume(path, model, opt, schedule, config, steps, result.losses)
+        result.resumed_from = _resume(path, model, opt, schedule, scaler, config, steps, result.losses)
     tokens = 0
 
     def checkpoint(step: int) -> None:
@@ -175,6 +180,7 @@ def train(
             "trainable": _trainable_state(model),
             "optimizer": opt.state_dict(),
             "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict(),  # {} unless the model computes in fp16
             "rng": torch.get_rng_state(),  # dropout masks continue as in an uninterrupted run
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "losses": list(result.losses),
@@ -191,8 +197,9 @@ def train(
         for step, batch in enumerate(bar, start=result.resumed_from + 1):
             inputs = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
             loss = answer_loss(model, inputs) if answer_logits_only else model(**inputs).loss
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()  # x the loss scale in fp16; unchanged otherwise
+            scaler.step(opt)  # unscales first; skips the step if a gradient overflowed
+            scaler.update()
             schedule.step()
             opt.zero_grad(set_to_none=True)
             tokens += int(inputs["attention_mask"].sum())
@@ -207,6 +214,30 @@ def train(
     result.seconds = time.perf_counter() - start
     result.tokens_per_second = tokens / result.seconds if tokens else 0.0
     return result
+
+
+def grad_scaler(model, params: list[torch.nn.Parameter]) -> torch.amp.GradScaler:
+    """Dynamic loss scaling, on only when the model computes in fp16.
+
+    Backward through fp16 activations rounds gradients below 6e-5 (fp16's smallest normal) toward
+    zero. Multiplying the loss by a scale S (65,536 to start) lifts them into range; the
+    gradients are divided by S before the optimizer step, a step whose gradients overflowed to
+    inf is skipped and S halved, and S doubles again after 2,000 clean steps (Micikevicius et al.
+    2018, Sec. 3.2; torch.amp.GradScaler). bf16 has fp32's exponent range and needs none.
+    The trainable parameters themselves must be fp32: an Adam update of an fp16 weight rounds
+    away, and GradScaler refuses fp16 gradients.
+    """
+    if not any(p.dtype == torch.float16 for p in model.parameters()):
+        return torch.amp.GradScaler(enabled=False)
+    trained = {id(p) for p in params}
+    half = [name for name, p in model.named_parameters() if id(p) in trained and p.dtype == torch.float16]
+    if half:
+        raise ValueError(
+            f"{len(half)} trainable parameters are fp16 (e.g. {half[0]}): keep what trains in fp32, as LoRA adapters are, "
+            "and let the frozen base compute in fp16; for full fine-tuning load the model with "
+            "dtype=torch.float32 (or bf16 where the GPU has it)"
+        )
+    return torch.amp.GradScaler(next(model.parameters()).device.type)
 
 
 def answer_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -228,7 +259,7 @@ def answer_loss(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
 
 
-def _resume(path: Path, model, opt, schedule, config: dict, steps: int, losses: list[float]) -> int:
+def _resume(path: Path, model, opt, schedule, scaler, config: dict, steps: int, losses: list[float]) -> int:
     """Load a checkpoint written by `train` into model, optimizer and schedule; returns its step.
 
     `weights_only=True`: torch's restricted unpickler builds tensors, numbers, strings, lists,
@@ -269,6 +300,8 @@ def _resume(path: Path, model, opt, schedule, config: dict, steps: int, losses: 
             trainable[name].copy_(value)
     opt.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    if state.get("scaler"):  # the loss scale reached, so the resumed run skips the same steps
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

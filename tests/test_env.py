@@ -33,3 +33,31 @@ def test_not_in_colab_here():
 def test_course_names_unknown_attribute():
     with pytest.raises(AttributeError, match="no_such_module"):
         course.no_such_module  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("bf16_supported", "dtype", "flags"),
+    [
+        (True, torch.bfloat16, {"bf16": True, "fp16": False}),
+        (False, torch.float16, {"bf16": False, "fp16": True}),
+    ],
+    ids=["ampere", "t4"],
+)
+def test_compute_dtype_on_a_faked_gpu(monkeypatch, bf16_supported, dtype, flags):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    assert course.env.compute_dtype("cuda") == dtype
+    assert course.env.trainer_precision("cuda") == flags
+    assert course.env.compute_dtype("cpu") == torch.float32  # a GPU elsewhere changes nothing on CPU
+    assert course.env.trainer_precision("cpu") == {"bf16": False, "fp16": False}
+
+
+def test_sft_config_takes_its_precision_from_the_course(monkeypatch, tmp_path):
+    asked = []
+
+    def faked(device=None):
+        asked.append(device)
+        return {"bf16": False, "fp16": False}
+
+    monkeypatch.setattr(course.env, "trainer_precision", faked)
+    config = course.sft.sft_config(tmp_path, max_length=64, learning_rate=1e-3)
+    assert asked and not config.bf16 and not config.fp16

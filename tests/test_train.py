@@ -319,3 +319,71 @@ def test_train_refuses_odd_arguments(tiny, tokenizer, kwargs, error, match):
         train.train(tiny, tokenizer, dataset, **{"steps": 1, "lr": 1e-3, **kwargs})
     with pytest.raises(ValueError, match="dataset is empty"):
         train.train(tiny, tokenizer, dataset.select([]), steps=1, lr=1e-3)
+
+
+def test_loss_scaling_keeps_small_fp16_gradients_from_rounding_to_zero():
+    frozen = torch.ones(4, 4, dtype=torch.float16)  # a frozen fp16 layer
+    v = torch.nn.Parameter(torch.ones(4))  # what trains, in fp32
+
+    def gradient(scale: float) -> torch.Tensor:
+        v.grad = None
+        y = (v.half() @ frozen).float()  # (4,) fp16 activations
+        (y.sum() * 1e-8 * scale).backward()  # 1e-8 is below fp16's smallest subnormal (6e-8)
+        return v.grad / scale
+
+    assert torch.equal(gradient(1.0), torch.zeros(4))  # unscaled: the gradient rounds to zero
+    torch.testing.assert_close(gradient(2.0**16), torch.full((4,), 4e-8), rtol=1e-2, atol=0)
+
+
+def _fp16_base_with_lora():
+    torch.manual_seed(4)
+    model = course.models.tiny_model(seed=4).half()  # the frozen base computes in fp16
+    course.lora.add_lora(model, "all-linear", r=4, alpha=8)  # adapters in fp32, as peft's
+    return model
+
+
+class _RecordingAdamW(torch.optim.AdamW):
+    """AdamW that keeps the gradients it is asked to step with (after any unscaling)."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=3e-3, weight_decay=0.0)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append(torch.cat([p.grad.reshape(-1) for g in self.param_groups for p in g["params"]]))
+        return super().step(closure)
+
+
+def _first_step_gradient(model, tokenizer, dataset) -> tuple[list[float], torch.Tensor]:
+    """(losses of 6 steps, the gradient the optimizer stepped with first) of course.train on `model`."""
+    made = []
+
+    def recording(params):
+        made.append(_RecordingAdamW(params))
+        return made[-1]
+
+    result = train.train(
+        model, tokenizer, dataset, steps=6, lr=3e-3, batch_size=4, progress=False, optimizer=recording
+    )
+    return result.losses, made[0].seen[0]
+
+
+def test_an_fp16_base_trains_with_loss_scaling_and_unscaled_gradients(tokenizer):
+    dataset = data.load_task("ticket_routing", "train").select(range(8))
+    half, full = _fp16_base_with_lora(), _fp16_base_with_lora().float()
+    for model, scaled in ((half, True), (full, False)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert train.grad_scaler(model, params).is_enabled() == scaled
+    losses16, grad16 = _first_step_gradient(half, tokenizer, dataset)
+    _, grad32 = _first_step_gradient(full, tokenizer, dataset)
+    assert all(math.isfinite(x) for x in losses16) and losses16[-1] < losses16[0]
+    # the optimizer sees the true gradient (unscaled), not 65,536 times it: fp16 rounding apart, the fp32 one
+    assert (grad16 - grad32).norm() < 0.05 * grad32.norm()
+
+
+def test_fp16_trainable_parameters_are_refused(tokenizer):
+    model = course.models.tiny_model(seed=0).half()
+    model.requires_grad_(True)
+    dataset = data.load_task("ticket_routing", "train").select(range(4))
+    with pytest.raises(ValueError, match="trainable parameters are fp16.*dtype=torch.float32"):
+        train.train(model, tokenizer, dataset, steps=1, lr=1e-3, progress=False)

@@ -61,6 +61,10 @@ def probe(rank: int, world_size: int, device, storage: torch.dtype, report: dict
     inputs = {
         k: v.to(device) for k, v in collate(shard(batch, rank, world_size), tokenizer.pad_token_id).items()
     }
+    # Train mode (LoRA dropout is 0): in eval mode without grad, bitsandbytes 0.50 on a CPU with AVX512-BF16
+    # repacks each 4-bit weight in place for its bf16 kernel, and FSDP would then shard the repacked layout,
+    # which bitsandbytes cannot rebuild its quantization state from (`assert module.weight.shape[1] == 1`).
+    model.train()
     with torch.no_grad():  # the same batch before sharding: FSDP must not change the function
         loss_sum, count = summed_answer_loss(model, inputs)
     report["loss_unsharded"] = loss_sum.item() / count
