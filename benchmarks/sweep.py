@@ -145,16 +145,16 @@ def main(argv=None) -> dict:
 
     def overfitting() -> dict:  # (4)
         few = train[: OVERFIT["examples"]]
-        steps_4 = 2 if args.quick else OVERFIT["steps"]
+        n_steps = 2 if args.quick else OVERFIT["steps"]
         settings = {k: OVERFIT[k] for k in ("lr", "batch_size", "eval_every")}
-        result = fit(lora(base(), 16, 16, LINEAR), few, validation, pad, steps=steps_4, **settings)
+        result = fit(lora(base(), 16, 16, LINEAR), few, validation, pad, steps=n_steps, **settings)
         low = min(result["curve"], key=lambda point: point[1])
         print(
             f"overfit  lowest validation loss {low[1]:.3f} at step {low[0]}, last {result['curve'][-1][1]:.3f}"
         )
         return {
             **OVERFIT,
-            "steps": steps_4,
+            "steps": n_steps,
             "curve": result["curve"],
             "train_losses": result["train_losses"],
             "machine": machine,
