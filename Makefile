@@ -13,7 +13,7 @@ LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup lab test lint unit nbval notebooks exercises bench check test-latest clean
+.PHONY: setup lab test lint unit nbval notebooks exercises bench check test-latest test-cpu-paths clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,16 @@ bench: setup
 # the model cache, offline readiness, and the course's total time scaled to this machine.
 check: $(STAMP)
 	$(BIN)/python -m course.preflight
+
+# bitsandbytes' other CPU path (not part of `make test`, about 30 min): as on a CPU without AVX512-BF16 (most
+# laptops), with bitsandbytes' native probe answering False (tests/cpu_without_bf16/sitecustomize.py) and torch's
+# kernels at AVX2. Run it after changing anything that touches bitsandbytes: the unit tests, then nbval of every
+# notebook that uses it (`make notebooks` stores those notebooks on this path too; on such a CPU both paths agree).
+WITHOUT_BF16 := PYTHONPATH=$(CURDIR)/tests/cpu_without_bf16 ATEN_CPU_CAPABILITY=avx2
+test-cpu-paths: setup
+	$(WITHOUT_BF16) $(BIN)/python -c "import bitsandbytes.functional as F; assert not F.has_avx512bf16(), 'probe not patched'"
+	$(WITHOUT_BF16) $(BIN)/pytest tests
+	$(WITHOUT_BF16) $(BIN)/pytest $(NBVAL) $$($(BIN)/python benchmarks/run_notebooks.py --list-bitsandbytes)
 
 # Library drift (not part of `make test`): the newest transformers, peft, bitsandbytes, accelerate,
 # datasets and trl in a separate venv (torch stays pinned); report in benchmarks/results/drift.md.

@@ -45,6 +45,8 @@ from course.stats import difference_interval, tie
 RESULTS = Path(__file__).resolve().parent / "results"
 JSON_PATH, MD_PATH = RESULTS / "comparison.json", RESULTS / "comparison.md"
 META_PATH = RESULTS / "comparison_meta.json"  # budget, machine and date of each row (the rows stay plain)
+# per method: per-example test hits and validation answer losses, in split order, for paired tests
+EXAMPLES_PATH = RESULTS / "comparison_examples.json"
 # Issue 6's quality bar: QLoRA within 5 points of LoRA; peak memory <= 0.6x LoRA, <= 0.2x full.
 MAX_EM_GAP, MAX_RATIO_LORA, MAX_RATIO_FULL = 0.05, 0.6, 0.2
 
@@ -175,10 +177,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     RESULTS.mkdir(exist_ok=True)
     rows = json.loads(JSON_PATH.read_text()) if JSON_PATH.exists() else []
     meta = json.loads(META_PATH.read_text()) if META_PATH.exists() else {}
+    examples = json.loads(EXAMPLES_PATH.read_text()) if EXAMPLES_PATH.exists() else {}
     versions = {p: metadata.version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")}
     for method in methods:
         start = time.perf_counter()
-        row = run_method(method, budget).row
+        run = run_method(method, budget)
+        row = run.row
         seconds = time.perf_counter() - start  # load, train, save, evaluate
         print(f"{method}: {json.dumps(row)} ({seconds:.0f} s in all)", flush=True)
         rows = merge_rows(rows, [row])
@@ -197,9 +201,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "versions": versions,
             "note": args.note,
             "follow_live_memory": exact,
+            # every row computes in fp32: the 4-bit rows decode, then F.linear (course.kernel_path)
+            "kernel_path": "reference (fp32 compute)",
         }
+        examples[method] = {"hits": run.hits, "answer_nll": run.answer_nll}
         JSON_PATH.write_text(json.dumps(rows, indent=1) + "\n")
         META_PATH.write_text(json.dumps(meta, indent=1) + "\n")
+        EXAMPLES_PATH.write_text(json.dumps(examples) + "\n")
         write_report(rows, meta)
     print(MD_PATH.read_text())
     return rows

@@ -8,13 +8,18 @@ back, so one run both times a notebook and stores the outputs its current code p
 kernel process (RUSAGE_CHILDREN of the child, which waits for its kernel). Results go
 to benchmarks/results/notebooks.json (merged with earlier runs of other notebooks) and
 a markdown table beside it, for the instructor section of notebooks/README.md.
+A notebook that uses bitsandbytes runs as on a CPU without AVX512-BF16 (most learners' laptops):
+bitsandbytes' native probe answers False (tests/cpu_without_bf16) and torch's kernels run at AVX2,
+so what it stores does not rest on a kernel path few learners have (course.kernel_path).
 `--report gpu_notebooks` writes another table instead (benchmarks/gpu_check.sh times
 the notebooks on a GPU without touching the CPU table the headers quote).
 """
 
 import argparse
 import json
+import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -38,6 +43,17 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
+USES_BITSANDBYTES = re.compile(r'import bitsandbytes|quantization=\\"(nf4|fp4|int8)|fsdp_qlora')
+WITHOUT_BF16 = {"PYTHONPATH": str(ROOT / "tests" / "cpu_without_bf16"), "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def child_env(path: Path) -> dict:
+    """The environment a notebook runs in: as on a CPU without AVX512-BF16 when it uses bitsandbytes."""
+    if torch.cuda.is_available() or not USES_BITSANDBYTES.search(path.read_text()):
+        return dict(os.environ)
+    return {**os.environ, **WITHOUT_BF16}
+
+
 def run(path: Path, store: bool = False) -> dict:
     start = time.perf_counter()
     done = subprocess.run(
@@ -45,6 +61,7 @@ def run(path: Path, store: bool = False) -> dict:
         capture_output=True,
         text=True,
         check=False,
+        env=child_env(path),
     )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
@@ -67,12 +84,20 @@ def main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(description="Execute notebooks; record wall time and peak memory.")
     parser.add_argument("--store", action="store_true", help="write the executed notebooks back")
     parser.add_argument("--report", default="notebooks", help="results file name (default: notebooks)")
+    parser.add_argument(
+        "--list-bitsandbytes", action="store_true", help="only print the notebooks that use bitsandbytes"
+    )
     parser.add_argument("paths", nargs="*")
     options = parser.parse_args(args)
     store, name = options.store, options.report
     notebooks = [Path(p).resolve() for p in options.paths] or sorted(
         (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")
     )
+    if options.list_bitsandbytes:
+        print(
+            " ".join(str(p.relative_to(ROOT)) for p in notebooks if USES_BITSANDBYTES.search(p.read_text()))
+        )
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = RESULTS / f"{name}.json"
     results = json.loads(report.read_text()) if report.exists() else {}

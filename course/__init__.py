@@ -21,6 +21,7 @@ _MODULES = (
     "data",
     "lora",
     "quant",
+    "kernel_path",
     "optim",
     "memory",
     "train",

@@ -22,20 +22,21 @@ Loading is left out on purpose: transformers may briefly hold fp32 copies while 
 which says nothing about what training needs.
 """
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from course.data import load_task
+from course.data import exact_match_hits, load_task
 from course.env import seed_everything
 from course.lora import add_lora, count_parameters, save_adapter
 from course.memory import release_memory, storage_bytes
 from course.models import EMBEDDED_MODEL, load_model
 from course.quant import dequantize_linear_layers, quantize_linear_layers
 from course.stats import Rate, rate_from
-from course.train import evaluate_exact_match, perplexity, train
+from course.train import answer_nll, evaluate_exact_match, train
 
 METHODS = ("full", "lora", "qlora_nf4", "qlora_fp4", "qlora_by_hand")
 ROW_KEYS = (
@@ -189,6 +190,8 @@ class MethodRun:
     row: dict  # the keys of ROW_KEYS
     losses: list[float]  # one per step
     model_bytes: int  # the part of peak_memory_bytes that the model's tensors take
+    hits: list[int]  # per test example: 1 where the greedy answer is an exact match (for paired tests)
+    answer_nll: list[float]  # per validation example: mean NLL of its answer tokens (for paired tests)
 
 
 def run_method(method: str, budget: Budget = Budget(), *, name: str = EMBEDDED_MODEL, progress: bool = True):
@@ -229,8 +232,9 @@ def run_method(method: str, budget: Budget = Budget(), *, name: str = EMBEDDED_M
         dequantize_linear_layers(model)
     test_set = _first(load_task(TASK, "test"), budget.test_examples)
     validation_set = _first(load_task(TASK, "validation"), budget.validation_examples)
-    score = evaluate_exact_match(model, tokenizer, test_set, batch_size=50).exact_match
-    ppl = perplexity(model, tokenizer, validation_set)
+    scored = evaluate_exact_match(model, tokenizer, test_set, batch_size=50)
+    hits = exact_match_hits(scored.predictions, scored.references)
+    nll_sums, counts = answer_nll(model, tokenizer, validation_set)
     del model
     release_memory()
     row = {
@@ -240,12 +244,13 @@ def run_method(method: str, budget: Budget = Budget(), *, name: str = EMBEDDED_M
         "seconds_per_step": result.seconds / result.steps,
         "tokens_per_second": result.tokens_per_second,
         "adapter_bytes": adapter_bytes,
-        "exact_match": score,
-        "perplexity": ppl,
+        "exact_match": scored.exact_match,
+        "perplexity": math.exp(sum(nll_sums) / sum(counts)),
         "train_seconds": result.seconds,
         "steps": result.steps,
     }
-    return MethodRun(row=row, losses=result.losses, model_bytes=weights)
+    per_example = [nll / count for nll, count in zip(nll_sums, counts, strict=True)]
+    return MethodRun(row=row, losses=result.losses, model_bytes=weights, hits=hits, answer_nll=per_example)
 
 
 def _first(dataset, n: int | None):

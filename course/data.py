@@ -376,10 +376,15 @@ def _check_answers(predictions, references) -> None:
         raise ValueError("scoring needs at least one example (the lists are empty)")
 
 
+def exact_match_hits(predictions: list[str], references: list[str]) -> list[int]:
+    """Per example, 1 where the prediction equals its reference after stripping outer whitespace, else 0."""
+    _check_answers(predictions, references)
+    return [int(p.strip() == r.strip()) for p, r in zip(predictions, references, strict=True)]
+
+
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """Share of predictions equal to their reference after stripping outer whitespace."""
-    _check_answers(predictions, references)
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / len(references)
+    return sum(exact_match_hits(predictions, references)) / len(references)
 
 
 def field_accuracy(predictions: list[str], references: list[str]) -> dict[str, float]:

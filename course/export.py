@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from course.kernel_path import check_not_repacked
+
 GGUF_TYPES = ("F16", "Q8_0")
 # transformers' Llama parameter name -> llama.cpp tensor name (gguf-py's TensorNameMap, llama part)
 _LAYER_NAMES = {
@@ -45,13 +47,7 @@ def _dense_weight(layer: torch.nn.Module) -> torch.Tensor:
     if quant_state is not None:  # bnb 4-bit: packed uint8 + absmax; decode to the values trained against
         import bitsandbytes as bnb
 
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            # bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel at the first
-            # eval-mode forward; undo it in place, as its own state_dict saving does (it repacks again later)
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
-            quant_state = weight.quant_state
+        check_not_repacked(layer, "decode this 4-bit weight")  # bitsandbytes' own inverse is inexact
         return bnb.functional.dequantize_4bit(weight.data, quant_state).view(quant_state.shape).float()
     if weight.dtype in (torch.int8, torch.uint8):
         raise TypeError(

