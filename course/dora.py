@@ -13,6 +13,13 @@ barely changes the gradient). Applied to x without forming W':
 peft computes the same (`use_dora=True`, `peft/tuners/lora/dora.py`). The row norm needs the
 whole V = W0 + scaling * B A at every step, an (out, in) matrix: that is DoRA's extra cost
 against LoRA (peft measured 20% to 2x, PR #1474).
+
+Precision: the adapter (A, B, m) stays fp32 beside an fp16/bf16 base, as peft's. Our forward
+computes the whole output in fp32 and rounds it once to the input's dtype. peft's rounds the base
+output W0 x + b to the base dtype first (it reuses the base layer's result), subtracts the bias in
+that dtype, and rescales: so in fp16/bf16 the two differ by those roundings (the tests bound the
+difference elementwise), in fp32 by fp32 summation order only. `merged_weight` forms
+(m / ||V||) * V in fp32 as peft's merge does and rounds once to W0's dtype: equal to peft's.
 """
 
 import math
@@ -30,6 +37,11 @@ class DoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
+        if isinstance(base, DoRALinear):
+            raise ValueError(
+                "this layer already has a DoRA adapter (magnitude and direction): train that one, "
+                "or wrap a fresh nn.Linear (its `.base` is the frozen W0)"
+            )
         if not isinstance(base, nn.Linear):
             raise TypeError(
                 f"DoRALinear wraps an nn.Linear (it needs the dense W0 for the row norm), got {type(base).__name__}"
@@ -43,8 +55,8 @@ class DoRALinear(nn.Module):
                 f"r must be an integer in 1..min(in_features, out_features) = "
                 f"1..{min(base.in_features, base.out_features)}, got {r!r}"
             )
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"alpha must be a positive number (scaling = alpha / r), got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise ValueError(f"alpha must be a positive, finite number (scaling = alpha / r), got {alpha!r}")
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         device = base.weight.device
@@ -71,9 +83,21 @@ class DoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W' = m * V / ||V||_row as one (out, in) matrix: what DoRA deploys (no inference overhead)."""
-        V = self.base.weight.float() + self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
-        return self.magnitude[:, None] * V / V.norm(dim=1, keepdim=True)  # (out, 1) * (out, in)
+        """W' = m * V / ||V||_row as one (out, in) matrix in W0's dtype: what DoRA deploys (no inference overhead).
+
+        Formed in fp32 in peft's order ((m / ||V||) * V) and rounded once to W0's dtype: equal to
+        peft's merge. A W' holding NaN or inf (a non-finite adapter, a zero row norm, an overflow
+        of W0's dtype) is refused with a ValueError; nothing is changed either way.
+        """
+        weight = self.base.weight
+        V = weight.float() + self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+        merged = ((self.magnitude / V.norm(dim=1))[:, None] * V).to(weight.dtype)  # (out, 1) * (out, in)
+        if not bool(torch.isfinite(merged).all()):
+            raise ValueError(
+                "the merged weight would hold NaN or inf (the adapter holds non-finite values, a row of V is zero, "
+                "or the result overflows the base's dtype): refused. Check the adapter's training."
+            )
+        return merged
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"

@@ -15,8 +15,20 @@ import torch
 REPORTED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
 
 
+DEVICE_VARIABLE = "COURSE_DEVICE"  # e.g. COURSE_DEVICE=cpu make lab: run every notebook on the CPU
+
+
 def pick_device() -> torch.device:
-    """The best device available: cuda > mps > cpu."""
+    """The best device available: cuda > mps > cpu, unless `COURSE_DEVICE` names one.
+
+    The override is for a machine where a path the course has not been run on fails: on Apple
+    silicon, for example, `COURSE_DEVICE=cpu` keeps bitsandbytes on its CPU backend.
+    """
+    if chosen := os.environ.get(DEVICE_VARIABLE):
+        try:
+            return torch.device(chosen)
+        except RuntimeError:
+            raise ValueError(f"{DEVICE_VARIABLE}={chosen!r} is not a device: use cpu, cuda, cuda:1 or mps") from None
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

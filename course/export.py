@@ -271,27 +271,108 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, with_tokeniz
 
 # --- Ollama -------------------------------------------------------------------------------
 
-CHATML_TEMPLATE = (
-    "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-    "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
-    "<|im_start|>assistant\n{{ .Response }}<|im_end|>\n"
+# A probe conversation whose contents no chat template writes itself: where they land marks the turns.
+PROBE = (
+    ("system", "<<SYSTEM-PROBE>>"),
+    ("user", "<<USER-PROBE-1>>"),
+    ("assistant", "<<ASSISTANT-PROBE>>"),
+    ("user", "<<USER-PROBE-2>>"),
 )
+
+
+def _not_chatml(why: str) -> ValueError:
+    return ValueError(
+        f"cannot write this chat template as an Ollama TEMPLATE: {why}. modelfile() writes ChatML-style"
+        " templates only: every turn `head + role + mid + content + end`, as <|im_start|>user\\n...<|im_end|>\\n"
+    )
+
+
+def _split(text: str, marks: list[str]) -> list[str]:
+    """The text around each mark, in order: `_split("aXbYc", ["X", "Y"]) -> ["a", "b", "c"]`."""
+    pieces = []
+    for mark in marks:
+        before, found, text = text.partition(mark)
+        if not found:
+            raise _not_chatml(f"it dropped or rewrote the probe content {mark!r}")
+        pieces.append(before)
+    return [*pieces, text]
+
+
+def chat_template_pieces(tokenizer) -> dict[str, str]:
+    """The fixed text of a ChatML-style chat template, read off by rendering the probe conversation.
+
+    A ChatML turn is `head + role + mid + content + suffix`. For SmolLM2: head "<|im_start|>",
+    mid "\\n", suffix "<|im_end|>\\n", generation (what add_generation_prompt appends)
+    "<|im_start|>assistant\\n", and default_system: the whole system turn the template inserts
+    when the first message is not a system one. Any other structure is a ValueError.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template to derive the Ollama TEMPLATE from")
+    messages = [{"role": role, "content": content} for role, content in PROBE]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    with_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # text = prefix(system) S | suffix prefix(user) U1 | suffix prefix(assistant) A | suffix prefix(user) U2 | suffix
+    p_system, s_user, s_assistant, s_user_2, suffix = _split(text, [content for _, content in PROBE])
+    if not (suffix and s_user.startswith(suffix) and s_assistant.startswith(suffix)):
+        raise _not_chatml(f"its turns do not all end with the same text (the last ends {suffix!r})")
+    prefixes = {"system": p_system, "user": s_user[len(suffix) :], "assistant": s_assistant[len(suffix) :]}
+    head, found, mid = p_system.partition("system")
+    if not found or s_user_2 != s_user or any(p != head + role + mid for role, p in prefixes.items()):
+        raise _not_chatml(f"its turns start {prefixes}")
+    if not with_prompt.startswith(text):
+        raise _not_chatml("add_generation_prompt=True rewrites the conversation instead of appending to it")
+    user, content = PROBE[1]
+    only_user = tokenizer.apply_chat_template([{"role": user, "content": content}], tokenize=False)
+    default_system, found, rest = only_user.partition(prefixes["user"] + content + suffix)
+    if not found or rest:
+        raise _not_chatml(f"a conversation without a system message renders as {only_user!r}")
+    return {
+        "head": head,
+        "mid": mid,
+        "suffix": suffix,
+        "default_system": default_system,
+        "generation": with_prompt[len(text) :],
+    }
+
+
+def ollama_template(tokenizer) -> str:
+    """The tokenizer's chat template rewritten in Ollama's Go template syntax (the `.Messages` form).
+
+    Ollama passes the whole conversation as `.Messages` (a Modelfile SYSTEM becomes a first system
+    message) and renders once; `$i` is the message index, so `eq $i 0` is Jinja's `loop.first`.
+    """
+    return _go_template(chat_template_pieces(tokenizer))
+
+
+def _go_template(pieces: dict[str, str]) -> str:
+    for name, piece in pieces.items():  # "{{" would start a Go action, '"""' end the TEMPLATE block
+        if "{{" in piece or '"""' in piece:
+            raise ValueError(f"the chat template's {name} text {piece!r} would need escaping in a Modelfile")
+    default = ""
+    if pieces["default_system"]:  # inserted before the first message when that is not a system one
+        default = '{{- if and (eq $i 0) (ne .Role "system") }}' + pieces["default_system"] + "{{ end }}"
+    turn = pieces["head"] + "{{ .Role }}" + pieces["mid"] + "{{ .Content }}" + pieces["suffix"]
+    return "{{- range $i, $_ := .Messages }}" + default + turn + "{{ end }}" + pieces["generation"]
 
 
 def modelfile(gguf_file: str, tokenizer, system: str | None = None) -> str:
     """An Ollama Modelfile: FROM the GGUF, the chat template in Ollama's Go syntax, stop tokens.
 
-    Ollama does not run Jinja: the template is rewritten by hand. SmolLM2 uses ChatML
-    (`<|im_start|>role\\n...<|im_end|>`); other template families are refused rather than guessed.
-    Without `<|im_end|>` as a stop token the runtime keeps generating past the answer.
+    Ollama does not run Jinja, so the template is derived: `chat_template_pieces` renders a probe
+    conversation with the tokenizer's own template and reads off the ChatML markers, and the Go
+    template is written from them; templates of another structure are refused rather than guessed.
+    Without the turn's end marker (`<|im_end|>`) as a stop token the runtime keeps generating past the answer.
     """
-    template = tokenizer.chat_template or ""
-    if "<|im_start|>" not in template or "<|im_end|>" not in template:
-        raise ValueError("modelfile() knows the ChatML template only (<|im_start|> ... <|im_end|>)")
-    lines = [f"FROM ./{gguf_file}", f'TEMPLATE """{CHATML_TEMPLATE}"""']
+    pieces = chat_template_pieces(tokenizer)
+    lines = [f"FROM ./{gguf_file}", f'TEMPLATE """{_go_template(pieces)}"""']
     if system is not None:
+        if '"""' in system:
+            raise ValueError(
+                'the system prompt may not contain """ (it would end the Modelfile\'s SYSTEM block)'
+            )
         lines.append(f'SYSTEM """{system}"""')
-    for stop in dict.fromkeys(["<|im_end|>", tokenizer.eos_token, "<|im_start|>"]):
-        lines.append(f'PARAMETER stop "{stop}"')
+    for stop in dict.fromkeys([pieces["suffix"].strip(), tokenizer.eos_token, pieces["head"].strip()]):
+        if stop:  # the end of a turn, the end of text, the start of a next turn the model should not write
+            lines.append(f'PARAMETER stop "{stop}"')
     lines.append("PARAMETER temperature 0")
     return "\n".join(lines) + "\n"

@@ -18,6 +18,11 @@ an elementwise multiply into the weight, since W (l * x) = (W diag(l)) x and l *
 Worked example: W = [[1, 2], [3, 4]], l = [10, 100]: columns -> [[10, 200], [30, 400]],
 rows -> [[10, 20], [300, 400]].
 
+Precision, as peft (`peft/tuners/ia3/layer.py`, `Linear.forward` and `merge`): the vector stays
+fp32 beside an fp16/bf16 base (peft's `autocast_adapter_dtype`), the product is formed in fp32 and
+rounded once to the base's dtype: the scaled input before the base layer, the scaled output after
+it, the scaled weight in a merge. In fp32 every cast is a no-op.
+
 Because the scaling is per row of activations, a batch can in principle give each row its own
 vectors (a mixed batch of tenants, T-Few section 3.3); once merged, every row gets the same.
 """
@@ -26,6 +31,8 @@ import re
 
 import torch
 from torch import nn
+
+from course.lora import find_target_modules
 
 TARGETS = ("k_proj", "v_proj", "down_proj")  # peft's default for Llama (TRANSFORMERS_MODELS_TO_IA3_...)
 FEEDFORWARD = ("down_proj",)
@@ -36,6 +43,15 @@ class IA3Linear(nn.Module):
 
     def __init__(self, base: nn.Linear, feedforward: bool):
         super().__init__()
+        if isinstance(base, IA3Linear):
+            raise ValueError(
+                "this layer already has an IA3 vector (it is an IA3Linear): wrap its `.base`, or merge it first"
+            )
+        if not isinstance(base, nn.Linear) and isinstance(getattr(base, "base", None), nn.Module):
+            raise ValueError(
+                f"this layer already holds an adapter ({type(base).__name__} around its linear layer): "
+                "merge that adapter first, or start from a fresh model"
+            )
         if not isinstance(base, nn.Linear):
             raise ValueError(
                 f"IA3 rescales the input or output features of a linear layer, got {type(base).__name__}: "
@@ -45,29 +61,44 @@ class IA3Linear(nn.Module):
         self.base.requires_grad_(False)
         self.feedforward = feedforward
         size = base.in_features if feedforward else base.out_features
-        self.ia3_l = nn.Parameter(torch.ones(size))  # ones: the adapted model starts as the base model
+        # ones: the adapted model starts as the base model; fp32 whatever the base's dtype (as peft)
+        self.ia3_l = nn.Parameter(torch.ones(size, device=base.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.feedforward:
-            return self.base(x * self.ia3_l)  # (..., in) * (in,)
-        return self.base(x) * self.ia3_l  # (..., out) * (out,)
+        if self.feedforward:  # (..., in) * (in,): fp32 product, rounded once to the input's dtype
+            return self.base((x * self.ia3_l).to(x.dtype))
+        result = self.base(x)  # (..., out)
+        return (result * self.ia3_l).to(result.dtype)  # (..., out) * (out,), rounded once
 
+    @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """An nn.Linear with the scaling multiplied into its weight (and bias): the same outputs, no extra work."""
-        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
-        merged = merged.to(self.base.weight.device, self.base.weight.dtype)
-        scale = self.ia3_l.detach().to(self.base.weight.dtype)
-        with torch.no_grad():
-            if self.feedforward:
-                merged.weight.copy_(self.base.weight * scale[None, :])  # (out, in) * (1, in): columns
-                if self.base.bias is not None:
-                    merged.bias.copy_(self.base.bias)
-            else:
-                merged.weight.copy_(self.base.weight * scale[:, None])  # (out, in) * (out, 1): rows
-                if self.base.bias is not None:
-                    merged.bias.copy_(self.base.bias * scale)
-        merged.requires_grad_(False)
-        return merged
+        """An nn.Linear with the scaling multiplied into its weight (and bias): the same outputs, no extra work.
+
+        The product is formed in fp32 and rounded once to the base's dtype: equal bit for bit to
+        peft's `merge()`. A vector that would put NaN or inf into the weight is refused with a
+        ValueError (as LoRA's merge and peft's `safe_merge`); the layer is left as it was.
+        """
+        weight, bias = self.base.weight, self.base.bias
+        l = self.ia3_l.detach()  # noqa: E741 (the paper's name)
+        if self.feedforward:
+            new_weight = (weight * l[None, :]).to(weight.dtype)  # (out, in) * (1, in): columns
+            new_bias = None if bias is None else bias.detach()
+        else:
+            new_weight = (weight * l[:, None]).to(weight.dtype)  # (out, in) * (out, 1): rows
+            new_bias = None if bias is None else (bias * l).to(bias.dtype)  # (out,) * (out,)
+        if not bool(torch.isfinite(new_weight).all()) or (
+            new_bias is not None and not bool(new_bias.isfinite().all())
+        ):
+            raise ValueError(
+                "the merged weight would hold NaN or inf (the IA3 vector holds non-finite values, or the product "
+                "overflows the base's dtype): refused, the model is unchanged. Check the adapter's training."
+            )
+        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=bias is not None)
+        merged = merged.to(weight.device, weight.dtype)
+        merged.weight.copy_(new_weight)
+        if bias is not None:
+            merged.bias.copy_(new_bias)
+        return merged.requires_grad_(False)
 
 
 def _matches(name: str, targets) -> bool:
@@ -76,17 +107,36 @@ def _matches(name: str, targets) -> bool:
     return name.split(".")[-1] in targets  # suffixes, as peft's list form
 
 
+def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
+    """Every IA3Linear of `model` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, IA3Linear)}
+
+
 def add_ia3(model, target_modules=TARGETS, feedforward_modules=FEEDFORWARD) -> list[str]:
-    """Freeze `model` and wrap every target module in IA3Linear; returns the wrapped names."""
+    """Freeze `model` and wrap every target module in IA3Linear; returns the wrapped names.
+
+    target_modules as peft (and course.lora): module names or name endings, or a regex over the
+    full name. A refused call (a target that is not a linear layer, a model that already has
+    IA3 vectors) leaves the model as it was.
+    """
+    if existing := ia3_layers(model):
+        raise ValueError(
+            f"the model already has IA3 vectors ({len(existing)} IA3Linear layers, e.g. {next(iter(existing))!r}): "
+            "add_ia3 was applied to it before (re-running the cell does that). Train those vectors, fold them "
+            "into the weights with merge_ia3(model), or start again from a fresh copy of the base model."
+        )
+    if isinstance(feedforward_modules, str) and not isinstance(target_modules, str):
+        raise ValueError(
+            f"feedforward_modules={feedforward_modules!r} is a string (a regex over full names) but target_modules "
+            f"is a list: give feedforward_modules as a list too, e.g. ({feedforward_modules!r},)"
+        )
     if not isinstance(target_modules, str):
         missing = [m for m in feedforward_modules if m not in target_modules]
         if missing:
             raise ValueError(
                 f"feedforward_modules {missing} must also be in target_modules {list(target_modules)}"
             )
-    names = [name for name, _ in model.named_modules() if name and _matches(name, target_modules)]
-    if not names:
-        raise ValueError(f"no module of {type(model).__name__} matches target_modules={target_modules!r}")
+    names = find_target_modules(model, target_modules)  # ValueError naming the linear layers if none match
     layers = {
         name: IA3Linear(model.get_submodule(name), _matches(name, feedforward_modules)) for name in names
     }
@@ -101,9 +151,12 @@ def add_ia3(model, target_modules=TARGETS, feedforward_modules=FEEDFORWARD) -> l
 
 
 def merge_ia3(model) -> int:
-    """Replace every IA3Linear by its merged nn.Linear; returns how many were merged."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, IA3Linear)]
-    for name, layer in layers:
+    """Replace every IA3Linear by its merged nn.Linear; returns how many were merged.
+
+    Every layer is merged before any is replaced, so a refused merge (NaN or inf) changes nothing.
+    """
+    merged = {name: layer.merge() for name, layer in ia3_layers(model).items()}
+    for name, linear in merged.items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.merge())
-    return len(layers)
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return len(merged)

@@ -17,7 +17,8 @@ prompts into the keys and values of *every* layer, which is prefix tuning (Li & 
 without the reparameterization, applied to understanding tasks; see course.prefix_tuning.
 
 The parameter names follow peft's PromptEncoder (`embedding`, `mlp_head`, `lstm_head`), so a
-state dict moves between the two.
+state dict moves between the two. As peft's, the encoder stays fp32 on the model's device and
+its output is cast to the model's dtype where it joins the input embeddings.
 """
 
 from torch import nn
@@ -33,22 +34,37 @@ class PTuning(SoftPromptModel):
     def __init__(
         self, model, num_virtual_tokens: int, encoder: str = "MLP", encoder_hidden_size: int | None = None
     ):
-        super().__init__(model, num_virtual_tokens)
+        self.check_arguments(model, num_virtual_tokens)  # every check before the model is frozen
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
-        d = self.token_dim
+        if encoder_hidden_size is not None and (
+            not isinstance(encoder_hidden_size, int)
+            or isinstance(encoder_hidden_size, bool)
+            or encoder_hidden_size <= 0
+        ):
+            raise ValueError(
+                f"encoder_hidden_size must be a positive integer, or None for peft's default (the model's hidden "
+                f"size), got {encoder_hidden_size!r}"
+            )
+        super().__init__(model, num_virtual_tokens)
+        d, device = self.token_dim, self.model_device
         h = encoder_hidden_size or d  # peft's default: the model's hidden size
-        if h <= 0:
-            raise ValueError(f"encoder_hidden_size must be positive, got {h}")
         self.encoder = encoder
-        self.embedding = nn.Embedding(num_virtual_tokens, d)  # (n, d): the encoder's free inputs
+        # (n, d): the encoder's free inputs; fp32 on the model's device, as peft's
+        self.embedding = nn.Embedding(num_virtual_tokens, d, device=device)
         if encoder == "LSTM":
             # two layers, no dropout: peft's defaults (encoder_num_layers=2, encoder_dropout=0.0)
-            self.lstm_head = nn.LSTM(d, h, num_layers=2, bidirectional=True, batch_first=True)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, d))
+            self.lstm_head = nn.LSTM(d, h, num_layers=2, bidirectional=True, batch_first=True, device=device)
+            self.mlp_head = nn.Sequential(
+                nn.Linear(2 * h, 2 * h, device=device), nn.ReLU(), nn.Linear(2 * h, d, device=device)
+            )
         else:
             self.mlp_head = nn.Sequential(
-                nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d)
+                nn.Linear(d, h, device=device),
+                nn.ReLU(),
+                nn.Linear(h, h, device=device),
+                nn.ReLU(),
+                nn.Linear(h, d, device=device),
             )
 
     def prompts(self):

@@ -25,13 +25,20 @@ two-layer MLP, and keep only the computed P after training. peft's `prefix_proje
 Linear(d', h) - tanh - Linear(h, L * 2 * kv_dim), with d' = kv_dim = 192 and h = 192 by default.
 
 Parameter names follow peft's PrefixEncoder (`embedding`, `transform`), so a state dict moves
-between the two.
+between the two. As peft's, the prefix (and its MLP) stays fp32 on the model's device and is cast
+to the model's dtype where it enters the cache: in fp32, fp16 and bf16 the logits equal peft's.
 """
 
 import inspect
 
 import torch
 from torch import nn
+
+from course.prompt_tuning import refuse_soft_prompt_model
+
+
+def _is_count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -53,11 +60,17 @@ class PrefixTuning(nn.Module):
         encoder_hidden_size: int | None = None,
     ):
         super().__init__()
-        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
+        if not _is_count(num_virtual_tokens):
             raise ValueError(
                 f"num_virtual_tokens must be a positive integer (a prefix of zero positions changes nothing), "
                 f"got {num_virtual_tokens!r}"
             )
+        if encoder_hidden_size is not None and not _is_count(encoder_hidden_size):
+            raise ValueError(
+                f"encoder_hidden_size must be a positive integer (the MLP's width), or None for peft's default "
+                f"(the key/value width), got {encoder_hidden_size!r}"
+            )
+        refuse_soft_prompt_model(model, "PrefixTuning")
         config = getattr(model, "config", None)
         # transformers 5.24 calls the argument `cache` (`past_key_values` is a deprecated alias until 5.40)
         arguments = inspect.signature(model.forward).parameters
@@ -75,12 +88,16 @@ class PrefixTuning(nn.Module):
         kv_dim = self.kv_heads * self.head_dim  # 3 * 64 = 192 on SmolLM2, not hidden_size = 576
         out = self.num_layers * 2 * kv_dim  # keys and values of every layer
         self.prefix_projection = prefix_projection
+        # the prefix lives beside the model, in fp32 (as peft's)
+        device = next(model.parameters(), torch.empty(0)).device
         if prefix_projection:
             h = encoder_hidden_size or kv_dim  # peft's default
-            self.embedding = nn.Embedding(n, kv_dim)  # (n, kv_dim): P'
-            self.transform = nn.Sequential(nn.Linear(kv_dim, h), nn.Tanh(), nn.Linear(h, out))
+            self.embedding = nn.Embedding(n, kv_dim, device=device)  # (n, kv_dim): P'
+            self.transform = nn.Sequential(
+                nn.Linear(kv_dim, h, device=device), nn.Tanh(), nn.Linear(h, out, device=device)
+            )
         else:
-            self.embedding = nn.Embedding(n, out)  # (n, L * 2 * kv_dim): P itself
+            self.embedding = nn.Embedding(n, out, device=device)  # (n, L * 2 * kv_dim): P itself
 
     def prefix(self) -> torch.Tensor:
         """The (n, L * 2 * kv_dim) prefix: the embedding itself, or its projection through the MLP."""
@@ -95,6 +112,9 @@ class PrefixTuning(nn.Module):
         from transformers import DynamicCache
 
         p = self.prefix() if prefix is None else prefix
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            got = f"a {p.dtype} tensor" if isinstance(p, torch.Tensor) else type(p).__name__
+            raise TypeError(f"a prefix must be a floating-point tensor, got {got}")
         width = 2 * self.num_layers * self.kv_heads * self.head_dim
         if p.shape[-2:] != (self.num_virtual_tokens, width) or p.ndim not in (2, 3):
             raise ValueError(
@@ -131,5 +151,14 @@ class PrefixTuning(nn.Module):
         )
 
     def stored_prefix(self) -> torch.Tensor:
-        """What a deployment stores: the computed (n, L * 2 * kv_dim) prefix; the MLP is dropped."""
-        return self.prefix().detach()
+        """What a deployment stores: the computed (n, L * 2 * kv_dim) prefix; the MLP is dropped.
+
+        Like a merge it folds the reparameterization away, so a prefix holding NaN or inf is
+        refused with a ValueError rather than stored.
+        """
+        prefix = self.prefix().detach()  # (n, L * 2 * kv_dim)
+        if not bool(torch.isfinite(prefix).all()):
+            raise ValueError(
+                "the prefix holds NaN or inf (training diverged, or a NaN was loaded): refused, nothing stored"
+            )
+        return prefix

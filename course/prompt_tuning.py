@@ -20,6 +20,10 @@ model whose logits line up with its input_ids.
 Because the prompt is an input, different rows of a batch can carry different tenants' prompts:
 `forward(..., prompts=...)` takes a (B, n, d) stack, one prompt per row (a mixed batch).
 
+Precision, as peft: the prompt (and any encoder) stays fp32 beside an fp16/bf16 model, on the
+model's device; it is cast to the model's embedding dtype only where it joins the input, so in
+fp32, fp16 and bf16 the logits equal peft's bit for bit (the tests check all three).
+
 Worked example (tiny): n = 3 and the init text "hi there" with tokens [5, 9] gives the init
 ids [5, 9, 5]; with the text "a b c d" (4 tokens) it is a ValueError.
 """
@@ -30,11 +34,30 @@ from torch import nn
 from course.data import IGNORE_INDEX
 
 
+def _describe(x) -> str:
+    return f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _is_count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0
+
+
+def refuse_soft_prompt_model(model, method: str) -> None:
+    """ValueError if `model` is already one of our soft-prompt or prefix wrappers (e.g. a re-run cell)."""
+    n = getattr(model, "num_virtual_tokens", None)
+    if isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module) and _is_count(n):
+        raise ValueError(
+            f"the model is already a {type(model).__name__} with {n} virtual tokens (re-running the cell wraps "
+            f"it twice): train it as it is, or give {method} its frozen base model, `model.model`, "
+            "or a fresh copy of the base model"
+        )
+
+
 def init_ids_from_text(tokenizer, text: str, num_virtual_tokens: int) -> list[int]:
     """The token ids that initialize the virtual tokens: the text's tokens, repeated to length n (as peft's TEXT init)."""
-    if num_virtual_tokens <= 0:
+    if not _is_count(num_virtual_tokens):
         raise ValueError(
-            f"num_virtual_tokens must be a positive number of soft tokens, got {num_virtual_tokens}"
+            f"num_virtual_tokens must be a positive number of soft tokens, got {num_virtual_tokens!r}"
         )
     ids = tokenizer(text)[
         "input_ids"
@@ -55,20 +78,31 @@ class SoftPromptModel(nn.Module):
 
     def __init__(self, model, num_virtual_tokens: int):
         super().__init__()
-        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens <= 0:
-            raise ValueError(
-                f"num_virtual_tokens must be a positive integer (a soft prompt of zero tokens changes nothing), "
-                f"got {num_virtual_tokens!r}"
-            )
-        if not hasattr(model, "get_input_embeddings"):
-            raise TypeError(f"expected a transformers causal LM, got {type(model).__name__}")
+        self.check_arguments(model, num_virtual_tokens)
         self.model = model
         self.model.requires_grad_(False)
         self.num_virtual_tokens = num_virtual_tokens
         self.token_dim = model.get_input_embeddings().embedding_dim  # d
 
+    @staticmethod
+    def check_arguments(model, num_virtual_tokens) -> None:
+        """The checks at the door, before anything is built or frozen (subclasses call it first)."""
+        if not _is_count(num_virtual_tokens):
+            raise ValueError(
+                f"num_virtual_tokens must be a positive integer (a soft prompt of zero tokens changes nothing), "
+                f"got {num_virtual_tokens!r}"
+            )
+        refuse_soft_prompt_model(model, "a soft prompt")
+        if not hasattr(model, "get_input_embeddings"):
+            raise TypeError(f"expected a transformers causal LM, got {type(model).__name__}")
+
     def prompts(self) -> torch.Tensor:  # (n, d)
         raise NotImplementedError
+
+    @property
+    def model_device(self) -> torch.device:
+        """Where the frozen model's embeddings live: the prompt's parameters are created there too."""
+        return self.model.get_input_embeddings().weight.device
 
     def forward(
         self,
@@ -80,14 +114,23 @@ class SoftPromptModel(nn.Module):
     ):
         """Logits (and loss) of the real positions. prompts: (B, n, d) per row; default self.prompts() for all."""
         n = self.num_virtual_tokens
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
+            raise TypeError(
+                f"input_ids must be an integer tensor of token ids (B, T), got {_describe(input_ids)}: "
+                "pass the tokenizer's input_ids (embeddings go in through `prompts`)"
+            )
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
         batch = input_ids.shape[0]
-        embeds = self.model.get_input_embeddings()(input_ids)  # (B, T, d)
         if prompts is None:
             prompts = self.prompts().unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
+        if not isinstance(prompts, torch.Tensor) or not prompts.is_floating_point():
+            raise TypeError(f"prompts must be a floating-point tensor (B, n, d), got {_describe(prompts)}")
         if prompts.shape != (batch, n, self.token_dim):
             raise ValueError(
                 f"prompts must have shape {(batch, n, self.token_dim)}, got {tuple(prompts.shape)}"
             )
+        embeds = self.model.get_input_embeddings()(input_ids)  # (B, T, d)
         embeds = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)  # (B, n + T, d)
         if attention_mask is not None:
             ones = attention_mask.new_ones(batch, n)
@@ -107,24 +150,50 @@ class SoftPromptModel(nn.Module):
         return out
 
     def soft_prompt(self) -> torch.Tensor:
-        """What a deployment stores: the (n, d) prompt itself (any encoder that produced it is dropped)."""
-        return self.prompts().detach()
+        """What a deployment stores: the (n, d) prompt itself (any encoder that produced it is dropped).
+
+        Like a merge, it folds the trained parts into what is kept, so a prompt holding NaN or inf
+        is refused with a ValueError rather than stored.
+        """
+        prompt = self.prompts().detach()  # (n, d)
+        if not bool(torch.isfinite(prompt).all()):
+            raise ValueError(
+                "the soft prompt holds NaN or inf (training diverged, or a NaN was loaded): refused, nothing stored"
+            )
+        return prompt
 
 
 class PromptTuning(SoftPromptModel):
     """Lester et al. 2021: the prompt P is itself the trained parameter, `embedding.weight` (n, d) as in peft."""
 
     def __init__(self, model, num_virtual_tokens: int, init_ids: list[int] | None = None):
-        super().__init__(model, num_virtual_tokens)
-        self.embedding = nn.Embedding(num_virtual_tokens, self.token_dim)  # (n, d), peft's PromptEmbedding
+        self.check_arguments(model, num_virtual_tokens)
         if init_ids is not None:
-            if len(init_ids) != num_virtual_tokens:
-                raise ValueError(
-                    f"need {num_virtual_tokens} init ids, got {len(init_ids)} (use init_ids_from_text)"
-                )
+            _check_init_ids(init_ids, num_virtual_tokens, model.get_input_embeddings().num_embeddings)
+        super().__init__(model, num_virtual_tokens)
+        # (n, d) fp32 on the model's device, peft's PromptEmbedding
+        self.embedding = nn.Embedding(num_virtual_tokens, self.token_dim, device=self.model_device)
+        if init_ids is not None:
             words = model.get_input_embeddings().weight  # (V, d)
             with torch.no_grad():
-                self.embedding.weight.copy_(words[torch.tensor(init_ids)].float())  # real words' embeddings
+                ids = torch.tensor(init_ids, device=words.device)
+                self.embedding.weight.copy_(words[ids].float())  # real words' embeddings
 
     def prompts(self) -> torch.Tensor:
         return self.embedding.weight  # (n, d)
+
+
+def _check_init_ids(init_ids, num_virtual_tokens: int, vocab_size: int) -> None:
+    if not isinstance(init_ids, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in init_ids
+    ):
+        raise TypeError(
+            f"init_ids must be a list of token ids (ints), got {init_ids!r:.60}: use init_ids_from_text"
+        )
+    if len(init_ids) != num_virtual_tokens:
+        raise ValueError(f"need {num_virtual_tokens} init ids, got {len(init_ids)} (use init_ids_from_text)")
+    if not all(0 <= i < vocab_size for i in init_ids):
+        raise ValueError(
+            f"init ids must be token ids in 0..{vocab_size - 1} (the model's vocabulary), got {init_ids}: "
+            "use the tokenizer of this model (init_ids_from_text)"
+        )

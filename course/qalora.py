@@ -20,6 +20,13 @@ times smaller than one feature when they are weakly correlated, so the same lear
 moves the output less. The paper quantizes the base with GPTQ (error-compensating rounding);
 we use min-max rounding (round to the nearest level between the group's min and max), which
 is simpler and has a larger quantization error, but the merge argument is the same.
+
+peft has the method as `LoraConfig(use_qalora=True, qalora_group_size=L)`, for GPTQ layers only
+(no merge). Its pooled input is the group mean times in/L (`x_pooled * pooled_features` in
+`QALoraLinearVariant.forward`), so peft with scaling s equals ours with scaling s * in / L. As
+peft, the adapter stays fp32 beside an fp16/bf16 base and its update is added to the base output
+in fp32 before one rounding to the base dtype; our merge likewise adds the shift to the
+zero-points in fp32 and rounds once.
 """
 
 import math
@@ -46,7 +53,7 @@ def quantize_groupwise(weight: torch.Tensor, group_size: int = 32, bits: int = 4
             f"quantize_groupwise needs a 2-D weight (out_features, in_features), got {weight.shape}"
         )
     _check_group_size(weight.shape[1], group_size)
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8 (codes are stored in uint8), got {bits}")
     out_features, in_features = weight.shape
     groups = weight.detach().reshape(out_features, in_features // group_size, group_size)  # (out, G, L)
@@ -85,6 +92,15 @@ class GroupQuantLinear(nn.Module):
         self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias=None, bits: int = 4
     ):
         super().__init__()
+        if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.dim() != 2:
+            raise TypeError(
+                f"codes must be a 2-D uint8 tensor (out_features, in_features) of INT codes, got {_describe(codes)}: "
+                "build the layer with GroupQuantLinear.from_linear or quantize_groupwise"
+            )
+        if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (scales, zeros)):
+            raise TypeError(
+                f"scales and zeros must be floating-point tensors, got {_describe(scales)}, {_describe(zeros)}"
+            )
         self.out_features, self.in_features = codes.shape
         self.group_size = self.in_features // scales.shape[1]
         if scales.shape != zeros.shape or scales.shape[1] * self.group_size != self.in_features:
@@ -132,11 +148,17 @@ class QALoRALinear(nn.Module):
 
     base: an nn.Linear (quantized here) or a GroupQuantLinear. lora_A: (r, in / L), lora_B:
     (out, r), B = 0 at the start, scaling = alpha / r. The adapter lives in the base's float
-    dtype (fp32 for the course model; float64 in the exactness test).
+    dtype (fp32 for the course model; float64 in the exactness test), in fp32 beside an fp16/bf16
+    base (as peft's `autocast_adapter_dtype`).
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, group_size: int = 32, bits: int = 4):
         super().__init__()
+        if isinstance(base, QALoRALinear):
+            raise ValueError(
+                "this layer already has a QA-LoRA adapter: train that one, merge it first (merge returns a "
+                "GroupQuantLinear that can take a new adapter), or start from a fresh layer"
+            )
         if isinstance(base, nn.Linear):
             base = GroupQuantLinear.from_linear(base, group_size, bits)
         if not isinstance(base, GroupQuantLinear):
@@ -151,11 +173,12 @@ class QALoRALinear(nn.Module):
                 f"r must be in 1..min(in_features / group_size, out_features) = "
                 f"1..{min(n_groups, base.out_features)}, got r={r!r}"
             )
-        if not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"alpha must be positive (scaling = alpha / r), got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise ValueError(f"alpha must be positive and finite (scaling = alpha / r), got {alpha!r}")
         self.base = base.requires_grad_(False)
         self.r, self.alpha, self.group_size, self.scaling = r, alpha, group_size, alpha / r
         dtype, device = base.scales.dtype, base.scales.device
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # as peft's autocast
         self.lora_A = nn.Linear(n_groups, r, bias=False, dtype=dtype, device=device)  # A: (r, in / L)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, dtype=dtype, device=device)  # B: (out, r)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as peft's LoRA
@@ -170,23 +193,29 @@ class QALoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)  # (..., out), in the base's dtype
         pooled = group_pool(x.to(self.lora_A.weight.dtype), self.group_size)  # (..., in / L)
         update = self.lora_B(self.lora_A(pooled)) * self.scaling  # (..., r) -> (..., out)
-        return self.base(x) + update.to(x.dtype)
+        return (result + update).to(result.dtype)  # added in the adapter's dtype, rounded once (as peft)
 
     @torch.no_grad()
     def merge(self) -> GroupQuantLinear:
         """The same layer as one GroupQuantLinear: same codes, same scales, zero-points moved.
 
         The update for column j of group g is scaling * (B A)[o, g] / L (the 1/L of the mean),
-        independent of j, so it folds into zeros[o, g].
+        independent of j, so it folds into zeros[o, g]. The new zero-points are formed in the
+        adapter's dtype and rounded once to the base's; zero-points holding NaN or inf are refused
+        with a ValueError (this layer is never changed by a merge).
         """
         shift = (self.lora_B.weight @ self.lora_A.weight) * self.scaling / self.group_size  # (out, in / L)
         base = self.base
-        bias = base.bias
-        return GroupQuantLinear(
-            base.codes, base.scales, base.zeros + shift.to(base.zeros.dtype), bias, base.bits
-        )
+        zeros = (base.zeros + shift).to(base.zeros.dtype)  # (out, in / L)
+        if not bool(torch.isfinite(zeros).all()):
+            raise ValueError(
+                "the merged zero-points would hold NaN or inf (the adapter holds non-finite values, or the shift "
+                "overflows the base's dtype): refused, the model is unchanged. Check the adapter's training."
+            )
+        return GroupQuantLinear(base.codes, base.scales, zeros, base.bias, base.bits)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, group_size={self.group_size}"
@@ -197,21 +226,42 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def qalora_layers(model: nn.Module) -> dict[str, QALoRALinear]:
+    """Every QALoRALinear of `model` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QALoRALinear)}
+
+
 def add_qalora(model: nn.Module, target_modules, r: int, alpha: float, group_size: int = 32, bits: int = 4):
-    """Freeze `model`, quantize the target linear layers group-wise and give them QA-LoRA adapters."""
+    """Freeze `model`, quantize the target linear layers group-wise and give them QA-LoRA adapters.
+
+    Every layer is built before any is replaced: a refused call (a bad rank or group size for
+    one target, a model that already has QA-LoRA adapters) leaves the model as it was.
+    """
+    if existing := qalora_layers(model):
+        raise ValueError(
+            f"the model already has QA-LoRA adapters ({len(existing)} layers, e.g. {next(iter(existing))!r}): "
+            "add_qalora was applied to it before (re-running the cell does that). Train those, merge them with "
+            "merge_qalora(model), or start again from a fresh copy of the base model."
+        )
     names = find_target_modules(model, target_modules)
+    layers = {name: QALoRALinear(model.get_submodule(name), r, alpha, group_size, bits) for name in names}
     model.requires_grad_(False)
-    for name in names:
-        _replace(model, name, QALoRALinear(model.get_submodule(name), r, alpha, group_size, bits))
+    for name, layer in layers.items():
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+        _replace(model, name, layer)
     return names
 
 
 def merge_qalora(model: nn.Module) -> list[str]:
-    """Replace every QALoRALinear by its merged GroupQuantLinear, in place."""
-    names = [name for name, m in model.named_modules() if isinstance(m, QALoRALinear)]
-    for name in names:
-        _replace(model, name, model.get_submodule(name).merge())
-    return names
+    """Replace every QALoRALinear by its merged GroupQuantLinear, in place.
+
+    Every layer is merged before any is replaced, so a refused merge (NaN or inf) changes nothing.
+    """
+    merged = {name: layer.merge() for name, layer in qalora_layers(model).items()}
+    for name, layer in merged.items():
+        _replace(model, name, layer)
+    return list(merged)
 
 
 def quantize_layers_groupwise(model: nn.Module, target_modules, group_size: int = 32, bits: int = 4):

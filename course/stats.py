@@ -332,7 +332,7 @@ class PairedComparison:
 
 
 def _p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+    return f"= {p:.3f}" if p >= 0.001 else "< 0.001"
 
 
 def compare_hits(name_a: str, hits_a, name_b: str, hits_b, alpha: float = 0.05) -> PairedComparison:
@@ -347,7 +347,7 @@ def compare_hits(name_a: str, hits_a, name_b: str, hits_b, alpha: float = 0.05) 
     p = mcnemar_exact(f, g)
     summary = (
         f"{name_a} {sum(a)}/{n} vs {name_b} {sum(b)}/{n}: difference {100 * (f - g) / n:+.1f} points "
-        f"[{100 * low:+.1f}, {100 * high:+.1f}] (paired, Newcombe); exact McNemar p = {_p(p)} on {f} vs {g} discordant"
+        f"[{100 * low:+.1f}, {100 * high:+.1f}] (paired, Newcombe); exact McNemar p {_p(p)} on {f} vs {g} discordant"
     )
     return PairedComparison(name_a, name_b, (f - g) / n, (low, high), p, alpha, True, summary)
 
@@ -366,7 +366,7 @@ def compare_losses(
     summary = (
         f"{name_a} mean loss {statistics.fmean(a):.4g} vs {name_b} {statistics.fmean(b):.4g} on {len(d)} examples: "
         f"difference {t.mean:+.4g} [{low:+.4g}, {high:+.4g}] (paired bootstrap, {resamples} resamples); "
-        f"paired t p = {_p(t.p_value)}"
+        f"paired t p {_p(t.p_value)}"
     )
     return PairedComparison(name_a, name_b, t.mean, (low, high), t.p_value, alpha, False, summary)
 

@@ -61,3 +61,13 @@ def test_sft_config_takes_its_precision_from_the_course(monkeypatch, tmp_path):
     monkeypatch.setattr(course.env, "trainer_precision", faked)
     config = course.sft.sft_config(tmp_path, max_length=64, learning_rate=1e-3)
     assert asked and not config.bf16 and not config.fp16
+
+
+def test_course_device_overrides_the_choice_and_refuses_a_typo(monkeypatch):
+    monkeypatch.setenv("COURSE_DEVICE", "cpu")
+    assert course.env.pick_device() == torch.device("cpu")
+    monkeypatch.setenv("COURSE_DEVICE", "meta")
+    assert course.env.pick_device() == torch.device("meta")  # the override wins over what is available
+    monkeypatch.setenv("COURSE_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="COURSE_DEVICE"):
+        course.env.pick_device()

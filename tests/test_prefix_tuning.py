@@ -1,6 +1,8 @@
-"""Prefix tuning by hand equals peft's PrefixTuningConfig on a tiny GQA Llama (4 query heads, 2 KV heads)."""
+"""Prefix tuning by hand equals peft's PrefixTuningConfig on a tiny GQA Llama (4 query heads, 2 KV heads),
+in fp32, fp16 and bf16; bad inputs and a second wrapping are refused before the model is touched."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -14,6 +16,9 @@ from course.prefix_tuning import PrefixTuning, kv_shape
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 N = 4
 TOL = 1e-5  # fp32; measured: 0.0 without the MLP, about 2e-7 with it
+# fp16/bf16: tolerance 0. Both keep the prefix and its MLP in fp32 and cast the (n, L*2*kv_dim) prefix once
+# to the model's dtype before it enters the cache; the frozen model then runs the same CPU kernels.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # torch 2.13 runs fp16 and bf16 matmuls on CPU
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +46,28 @@ def _pair(base, projection):
     return theirs, ours
 
 
-def _diff(theirs, ours):
+def _both(theirs, ours):
     ids, mask = _inputs()
     with torch.no_grad():
-        return (theirs(input_ids=ids, attention_mask=mask).logits - ours(ids, mask).logits).abs().max().item()
+        return theirs(input_ids=ids, attention_mask=mask).logits, ours(ids, mask).logits
 
 
+def _diff(theirs, ours):
+    peft, mine = _both(theirs, ours)
+    return (peft - mine).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("projection", [False, True])
-def test_prefix_tuning_equals_peft(base, projection):
-    theirs, ours = _pair(base, projection)
-    assert _diff(theirs, ours) <= TOL
+def test_prefix_tuning_equals_peft(base, projection, dtype):
+    theirs, ours = _pair(copy.deepcopy(base).to(dtype), projection)
+    assert {p.dtype for n, p in ours.named_parameters() if not n.startswith("model.")} == {torch.float32}
+    peft, mine = _both(theirs, ours)
+    assert mine.dtype == dtype
+    if dtype == torch.float32:
+        assert (peft - mine).abs().max() <= TOL
+    else:
+        assert torch.equal(peft, mine)
     assert theirs.get_nb_trainable_parameters()[0] == sum(
         p.numel() for p in ours.parameters() if p.requires_grad
     )
@@ -68,9 +85,10 @@ def test_gqa_prefix_has_kv_heads_not_query_heads(base):
     assert cache.layers[0].keys.shape == (3, kv_heads, N, head_dim)
 
 
-def test_a_wrong_prefix_layout_is_detected(base):
-    """The comparison can fail: swapping the keys and values of the prefix changes the logits."""
-    theirs, ours = _pair(base, False)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_wrong_prefix_layout_is_detected(base, dtype):
+    """The comparison can fail: swapping the keys and values of the prefix changes the logits, in every dtype."""
+    theirs, ours = _pair(copy.deepcopy(base).to(dtype), False)
     with torch.no_grad():
         w = ours.embedding.weight.view(N, 2, 2, -1)  # (n, L, k/v, kv_dim)
         ours.embedding.weight.copy_(w.flip(2).reshape(N, -1))
@@ -104,3 +122,41 @@ def test_bad_configurations_are_refused(base):
         PrefixTuning(_NoCache(), N)
     with pytest.raises(ValueError, match="a prefix has shape"):
         PrefixTuning(copy.deepcopy(base), N).past_key_values(1, torch.zeros(N + 1, 8))
+
+
+def test_wrapping_twice_is_refused_with_what_happened(base):
+    from course.prompt_tuning import PromptTuning
+
+    once = PrefixTuning(copy.deepcopy(base), N)
+    with pytest.raises(ValueError, match="already a PrefixTuning with 4 virtual tokens.*`model.model`"):
+        PrefixTuning(once, N)  # before: "takes no `cache`", which is not what happened
+    with pytest.raises(ValueError, match="already a PromptTuning"):
+        PrefixTuning(PromptTuning(copy.deepcopy(base), N), N)
+
+
+def test_a_refused_configuration_leaves_the_model_trainable(base):
+    model = copy.deepcopy(base)
+    for n, hidden in ((0, None), (2.5, None), (True, None), (N, 0)):
+        with pytest.raises(ValueError, match="positive integer"):
+            PrefixTuning(model, n, prefix_projection=True, encoder_hidden_size=hidden)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_non_finite_prefix_is_not_stored(base):
+    ours = PrefixTuning(copy.deepcopy(base), N, prefix_projection=True)
+    with torch.no_grad():
+        ours.transform[0].weight[0, 0] = math.nan  # (an inf here would be tamed by the tanh)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ours.stored_prefix()
+
+
+def test_an_integer_prefix_is_refused(base):
+    ours = PrefixTuning(copy.deepcopy(base), N)
+    with pytest.raises(TypeError, match="floating-point"):
+        ours.past_key_values(1, torch.zeros(N, ours.embedding.weight.shape[1], dtype=torch.long))
+
+
+def test_the_prefix_is_created_on_the_model_device(base):
+    """A prefix left on the CPU beside a GPU model fails in attention; meta stands in for cuda here."""
+    ours = PrefixTuning(copy.deepcopy(base).to("meta"), N, prefix_projection=True)
+    assert {p.device.type for n, p in ours.named_parameters() if not n.startswith("model.")} == {"meta"}

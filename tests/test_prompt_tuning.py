@@ -1,6 +1,8 @@
-"""Prompt tuning and P-tuning by hand equal peft's PromptTuningConfig / PromptEncoderConfig on a tiny Llama."""
+"""Prompt tuning and P-tuning by hand equal peft's PromptTuningConfig / PromptEncoderConfig on a tiny Llama,
+in fp32, fp16 and bf16; bad inputs and a second wrapping are refused before the model is touched."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -13,6 +15,9 @@ from course.prompt_tuning import PromptTuning, init_ids_from_text
 
 N = 5  # virtual tokens
 TOL = 1e-5  # fp32: the same operations in the same order; measured differences are 0.0
+# fp16/bf16: tolerance 0. Both keep the prompt (and encoder) fp32, cast it once to the model's dtype
+# where it joins the embeddings, and run the same frozen model on the same deterministic CPU kernels.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # torch 2.13 runs fp16 and bf16 matmuls on CPU
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +38,23 @@ def _peft(base, config):
         return get_peft_model(copy.deepcopy(base), config)
 
 
-def _same_logits(peft_model, ours):
+def _both_logits(peft_model, ours):
     ids, mask = _inputs()
     with torch.no_grad():
         theirs = peft_model(input_ids=ids, attention_mask=mask).logits[:, N:]  # peft keeps the soft positions
         mine = ours(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-    assert mine.shape == (2, 7, 49152)
+    assert mine.shape == (2, 7, 49152) and mine.dtype == theirs.dtype
+    return theirs, mine
+
+
+def _same_logits(peft_model, ours):
+    theirs, mine = _both_logits(peft_model, ours)
     return (theirs - mine).abs().max().item()
 
 
-def test_prompt_tuning_text_init_and_logits_equal_peft(base, tokenizer):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prompt_tuning_text_init_and_logits_equal_peft(base, tokenizer, dtype):
+    base = copy.deepcopy(base).to(dtype)
     text = "Route it"
     path = course.models.model_path(course.models.EMBEDDED_MODEL)
     config = PromptTuningConfig(
@@ -54,20 +66,27 @@ def test_prompt_tuning_text_init_and_logits_equal_peft(base, tokenizer):
     )
     theirs = _peft(base, config)
     ours = PromptTuning(copy.deepcopy(base), N, init_ids_from_text(tokenizer, text, N))
+    assert ours.embedding.weight.dtype == torch.float32  # the prompt stays fp32 beside a half model
     assert torch.equal(
         ours.embedding.weight, theirs.prompt_encoder.default.embedding.weight
     )  # same TEXT init
     with torch.no_grad():  # move away from the init, the same way in both
         ours.embedding.weight.add_(torch.randn_like(ours.embedding.weight))
         theirs.prompt_encoder.default.embedding.weight.copy_(ours.embedding.weight)
-    assert _same_logits(theirs, ours) <= TOL
+    theirs_logits, mine = _both_logits(theirs, ours)
+    if dtype == torch.float32:
+        assert (theirs_logits - mine).abs().max() <= TOL
+    else:
+        assert torch.equal(theirs_logits, mine)
     assert theirs.get_nb_trainable_parameters()[0] == sum(
         p.numel() for p in ours.parameters() if p.requires_grad
     )
 
 
-def test_a_wrong_prompt_is_detected(base):
-    """The comparison can fail: a prompt one row off from peft's changes the logits."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_wrong_prompt_is_detected(base, dtype):
+    """The comparison can fail: a prompt one row off from peft's changes the logits, in every dtype."""
+    base = copy.deepcopy(base).to(dtype)
     config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=N)
     theirs = _peft(base, config)
     ours = PromptTuning(copy.deepcopy(base), N)
@@ -76,8 +95,10 @@ def test_a_wrong_prompt_is_detected(base):
     assert _same_logits(theirs, ours) > 1e-3
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
-def test_p_tuning_equals_peft(base, encoder):
+def test_p_tuning_equals_peft(base, encoder, dtype):
+    base = copy.deepcopy(base).to(dtype)
     config = PromptEncoderConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=N, encoder_reparameterization_type=encoder
     )
@@ -85,7 +106,12 @@ def test_p_tuning_equals_peft(base, encoder):
     ours = PTuning(copy.deepcopy(base), N, encoder=encoder)
     result = ours.load_state_dict(theirs.prompt_encoder.default.state_dict(), strict=False)
     assert not result.unexpected_keys and all(k.startswith("model.") for k in result.missing_keys)
-    assert _same_logits(theirs, ours) <= TOL
+    assert {p.dtype for n, p in ours.named_parameters() if not n.startswith("model.")} == {torch.float32}
+    theirs_logits, mine = _both_logits(theirs, ours)
+    if dtype == torch.float32:
+        assert (theirs_logits - mine).abs().max() <= TOL
+    else:
+        assert torch.equal(theirs_logits, mine)
     assert theirs.get_nb_trainable_parameters()[0] == sum(
         p.numel() for p in ours.parameters() if p.requires_grad
     )
@@ -127,3 +153,41 @@ def test_bad_configurations_are_refused(base, tokenizer):
     with pytest.raises(ValueError, match="encoder must be one of"):
         PTuning(copy.deepcopy(base), N, encoder="GRU")
     assert init_ids_from_text(tokenizer, "hi", 3) == (tokenizer("hi")["input_ids"] * 3)[:3]
+
+
+def test_wrapping_twice_is_refused_with_what_happened(base):
+    once = PromptTuning(copy.deepcopy(base), N)
+    for wrap in (PromptTuning, PTuning):
+        with pytest.raises(ValueError, match="already a PromptTuning with 5 virtual tokens.*`model.model`"):
+            wrap(once, N)
+    with pytest.raises(ValueError, match="already a PTuning"):
+        PromptTuning(PTuning(copy.deepcopy(base), N), N)
+
+
+def test_a_refused_configuration_leaves_the_model_trainable(base):
+    """Checks run before the model is frozen: a refused call changes nothing, not even requires_grad."""
+    model = copy.deepcopy(base)
+    for call in (
+        lambda: PTuning(model, N, encoder="GRU"),
+        lambda: PTuning(model, N, encoder_hidden_size=0),
+        lambda: PromptTuning(model, 2, [1, 10**6]),
+    ):
+        with pytest.raises(ValueError):
+            call()
+        assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_non_finite_prompt_is_not_stored(base):
+    ours = PTuning(copy.deepcopy(base), N)
+    with torch.no_grad():
+        ours.embedding.weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ours.soft_prompt()
+
+
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+def test_the_prompt_is_created_on_the_model_device(base, encoder):
+    """A prompt left on the CPU beside a GPU model fails at torch.cat; meta stands in for cuda here."""
+    on_meta = copy.deepcopy(base).to("meta")
+    for ours in (PromptTuning(on_meta, N), PTuning(on_meta, N, encoder=encoder)):
+        assert {p.device.type for n, p in ours.named_parameters() if not n.startswith("model.")} == {"meta"}

@@ -103,3 +103,96 @@ def test_add_and_merge_qalora_on_a_tiny_model():
         after = model(input_ids=ids).logits
     assert not any(isinstance(m, QALoRALinear) for m in model.modules())
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+# --- peft's QA-LoRA (use_qalora=True) in fp32, fp16 and bf16 ------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _peft_qalora(dtype):
+    """peft's GPTQ QA-LoRA layer around our GroupQuantLinear (it only needs in/out_features and a forward)."""
+    import warnings
+
+    from peft import LoraConfig
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    torch.manual_seed(0)
+    base = GroupQuantLinear.from_linear(nn.Linear(64, 10).to(dtype), group_size=16)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["x"], use_qalora=True, qalora_group_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = GPTQLoraLinear(base, "default", config=config, r=2, lora_alpha=4)
+    with torch.no_grad():
+        nn.init.normal_(theirs.lora_B["default"].weight)  # "trained"
+    ours = QALoRALinear(base, r=2, alpha=4, group_size=16)
+    with torch.no_grad():
+        ours.lora_A.weight.copy_(theirs.lora_A["default"].weight)
+        ours.lora_B.weight.copy_(theirs.lora_B["default"].weight)
+    # peft pools with mean * (in / L) (`x_pooled * pooled_features`); ours with the mean: same update at
+    # scaling * in / L. in / L = 4 is a power of two, so moving the factor changes no rounding.
+    ours.scaling = theirs.scaling["default"] * (64 // 16)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qalora_equals_peft_use_qalora_bit_for_bit(dtype):
+    """Same fp32 adapter, same pooling, the update added to the base output in fp32 and rounded once: tolerance 0."""
+    theirs, ours = _peft_qalora(dtype)
+    assert ours.lora_A.weight.dtype == theirs.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(2, 5, 64).to(dtype)
+    with torch.no_grad():
+        mine, peft = ours(x), theirs(x)
+    assert mine.dtype == dtype
+    assert torch.equal(mine, peft)
+    assert not torch.equal(mine, ours.base(x))  # the adapter does contribute
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_merge_in_half_precision_rounds_the_zero_points_once(dtype):
+    layer = QALoRALinear(nn.Linear(32, 10).to(dtype), r=3, alpha=6, group_size=8)
+    nn.init.normal_(layer.lora_B.weight)
+    merged = layer.merge()
+    shift = (layer.lora_B.weight @ layer.lora_A.weight) * layer.scaling / 8  # (out, G), fp32
+    assert merged.zeros.dtype == dtype
+    assert torch.equal(merged.zeros, (layer.base.zeros.float() + shift).to(dtype))
+
+
+# --- refusals: non-finite merges, QA-LoRA twice, a half-built model --------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_merge_is_refused_and_changes_nothing(bad):
+    model = course.models.tiny_model()
+    add_qalora(model, ["q_proj", "v_proj"], r=2, alpha=4, group_size=16)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.lora_B.weight[0, 0] = bad  # the last of the four
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN or inf"):
+        merge_qalora(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()  # no layer replaced, not even the three before the bad one
+    assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
+
+
+def test_qalora_twice_says_so():
+    model = course.models.tiny_model()
+    add_qalora(model, ["q_proj"], r=2, alpha=4, group_size=16)
+    with pytest.raises(ValueError, match="already has QA-LoRA adapters.*merge_qalora.*fresh copy"):
+        add_qalora(model, ["q_proj"], r=2, alpha=4, group_size=16)
+    with pytest.raises(ValueError, match="already has a QA-LoRA adapter"):
+        QALoRALinear(model.model.layers[0].self_attn.q_proj, r=2, alpha=4, group_size=16)
+    merge_qalora(model)  # merged, the INT4 layer takes a new adapter
+    assert add_qalora(model, ["q_proj"], r=2, alpha=4, group_size=16) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
+
+
+def test_a_refused_add_qalora_leaves_the_model_as_it_was():
+    """r = 40 fits q_proj (64 -> 64 at L = 1) but not k_proj (64 -> 32), which comes after it."""
+    model = course.models.tiny_model()
+    with pytest.raises(ValueError, match=r"1\.\.32"):
+        add_qalora(model, ["q_proj", "k_proj"], r=40, alpha=4, group_size=1)
+    assert not any(isinstance(m, (QALoRALinear, GroupQuantLinear)) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # not frozen either

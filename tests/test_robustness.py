@@ -8,7 +8,10 @@ message must match: the part that says what was expected. For every row the test
    torch, json or Python: a learner should read our message, not a library's), and
 3. that every tensor reachable from the arguments (modules' parameters and buffers, an
    optimizer's parameters and states) is bit-identical afterwards.
-The variants modules (QA-LoRA, LongLoRA, LoftQ, DoRA) are checked by their own tests.
+The adapter families (IA3, DoRA, QA-LoRA, prompt tuning, P-tuning, prefix tuning) have rows here
+too: wrong ranks and token counts, wrong dtypes, targets that do not exist, a family applied twice,
+and merges of NaN or inf (refused, the weights bit-identical). LongLoRA and LoftQ are checked by
+their own tests.
 """
 
 import math
@@ -21,7 +24,23 @@ import torch
 from torch import nn
 
 import course
-from course import data, env, lora, memory, models, optim, quant, serving, train
+from course import (
+    data,
+    dora,
+    env,
+    ia3,
+    lora,
+    memory,
+    models,
+    optim,
+    p_tuning,
+    prefix_tuning,
+    prompt_tuning,
+    qalora,
+    quant,
+    serving,
+    train,
+)
 
 COURSE_DIR = str(Path(course.__file__).resolve().parent)
 
@@ -123,6 +142,83 @@ def _adapters(A_shape=(2, 16), B_shape=(8, 2)):
     return {"t": (torch.randn(A_shape), torch.randn(B_shape), 2.0)}
 
 
+def _ia3_model(bad=None):
+    """A one-layer model with IA3 vectors; `bad` goes into down_proj, the last of its three IA3 layers."""
+    model = _tiny()
+    ia3.add_ia3(model)
+    if bad is not None:
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.ia3_l[0] = bad
+    return model
+
+
+def _ia3_layer(bad):
+    layer = ia3.IA3Linear(nn.Linear(16, 8), feedforward=False)
+    with torch.no_grad():
+        layer.ia3_l[0] = bad
+    return layer
+
+
+def _dora_layer(part="lora_B", bad=None):
+    torch.manual_seed(0)
+    layer = dora.DoRALinear(nn.Linear(16, 8), r=2, alpha=4)
+    nn.init.normal_(layer.lora_B.weight)
+    if bad is not None:
+        with torch.no_grad():
+            (layer.magnitude if part == "magnitude" else getattr(layer, part).weight).view(-1)[0] = bad
+    return layer
+
+
+def _qalora_layer(bad=None):
+    torch.manual_seed(0)
+    layer = qalora.QALoRALinear(nn.Linear(32, 8), r=2, alpha=4, group_size=8)
+    nn.init.normal_(layer.lora_B.weight)
+    if bad is not None:
+        with torch.no_grad():
+            layer.lora_B.weight[0, 0] = bad
+    return layer
+
+
+def _qalora_model(bad=None):
+    model = _tiny()
+    qalora.add_qalora(model, ["q_proj", "v_proj"], r=2, alpha=4, group_size=16)
+    if bad is not None:
+        with torch.no_grad():
+            model.model.layers[0].self_attn.v_proj.lora_B.weight[0, 0] = bad  # the second of the two
+    return model
+
+
+def _prompt(n=2):
+    return prompt_tuning.PromptTuning(_tiny(), n)
+
+
+def _prefix(n=2, projection=False):
+    return prefix_tuning.PrefixTuning(_tiny(), n, prefix_projection=projection)
+
+
+def _nan_prompt():
+    model = p_tuning.PTuning(_tiny(), 2)
+    with torch.no_grad():
+        model.embedding.weight[0, 0] = math.nan
+    return model
+
+
+def _nan_prefix():
+    model = _prefix(projection=True)
+    with torch.no_grad():
+        model.transform[0].weight[0, 0] = math.nan
+    return model
+
+
+class _NoCache(nn.Module):
+    """A model whose forward has no cache argument (as an encoder-only model)."""
+
+    config = models.tiny_model(num_hidden_layers=1, vocab_size=1000).config
+
+    def forward(self, input_ids, attention_mask=None):
+        return input_ids
+
+
 # fmt: off
 CASES = [
     # models
@@ -216,6 +312,62 @@ CASES = [
     Case("serving", "a folder without an adapter", lambda tok, tmp: (serving.AdapterServer(_tiny(), tok).add_tenant, ("acme", tmp), {}), ValueError, "not an adapter folder"),
     Case("serving", "the base name as a tenant", lambda tok, tmp: (serving.AdapterServer(_tiny(), tok).add_tenant, (serving.BASE, tmp), {}), ValueError, "non-empty string other than"),
     Case("serving", "no requests", lambda tok, tmp: (serving.AdapterServer(_tiny(), tok).generate, ([],), {}), ValueError, r"list of \(tenant, prompt\) pairs"),
+    # ia3
+    Case("ia3", "IA3 twice", lambda tok, tmp: (ia3.add_ia3, (_ia3_model(),), {}), ValueError, "already has IA3 vectors.*merge_ia3.*fresh copy"),
+    Case("ia3", "IA3 around an IA3 layer", lambda tok, tmp: (ia3.IA3Linear, (_ia3_layer(1.0),), {"feedforward": False}), ValueError, "already has an IA3 vector"),
+    Case("ia3", "IA3 around a LoRA layer", lambda tok, tmp: (ia3.IA3Linear, (_lora_layer(),), {"feedforward": False}), ValueError, "already holds an adapter"),
+    Case("ia3", "IA3 on a norm", lambda tok, tmp: (ia3.add_ia3, (_tiny(), ("k_proj", "input_layernorm"), ()), {}), ValueError, "linear layer, got LlamaRMSNorm"),
+    Case("ia3", "targets that match nothing", lambda tok, tmp: (ia3.add_ia3, (_tiny(), ("qkv",), ()), {}), ValueError, "matches no module.*k_proj"),
+    Case("ia3", "feed-forward not among the targets", lambda tok, tmp: (ia3.add_ia3, (_tiny(), ("k_proj",), ("down_proj",)), {}), ValueError, "must also be in target_modules"),
+    Case("ia3", "feed-forward given as a string", lambda tok, tmp: (ia3.add_ia3, (_tiny(), ["k_proj", "down_proj"], "down_proj"), {}), ValueError, "as a list too"),
+    Case("ia3", "merge of a NaN vector", lambda tok, tmp: (_ia3_layer(math.nan).merge, (), {}), ValueError, "NaN or inf"),
+    Case("ia3", "merge_ia3 of an inf vector", lambda tok, tmp: (ia3.merge_ia3, (_ia3_model(math.inf),), {}), ValueError, "NaN or inf"),
+    # dora
+    Case("dora", "rank zero", lambda tok, tmp: (dora.DoRALinear, (nn.Linear(16, 8),), {"r": 0, "alpha": 4}), ValueError, r"r must be an integer in 1..min\(in_features, out_features\) = 1..8"),
+    Case("dora", "rank above min(in, out)", lambda tok, tmp: (dora.DoRALinear, (nn.Linear(16, 8),), {"r": 9, "alpha": 4}), ValueError, r"1\.\.8, got 9"),
+    Case("dora", "rank as a float", lambda tok, tmp: (dora.DoRALinear, (nn.Linear(16, 8),), {"r": 2.0, "alpha": 4}), ValueError, "r must be an integer"),
+    Case("dora", "alpha inf", lambda tok, tmp: (dora.DoRALinear, (nn.Linear(16, 8),), {"r": 2, "alpha": math.inf}), ValueError, "positive, finite"),
+    Case("dora", "DoRA twice", lambda tok, tmp: (dora.DoRALinear, (_dora_layer(),), {"r": 2, "alpha": 4}), ValueError, "already has a DoRA adapter"),
+    Case("dora", "DoRA on a 4-bit layer", lambda tok, tmp: (dora.DoRALinear, (_linear4bit(),), {"r": 2, "alpha": 4}), TypeError, "wraps an nn.Linear.*dense W0"),
+    Case("dora", "from a plain peft-less layer", lambda tok, tmp: (dora.dora_from_peft, (nn.Linear(8, 4),), {}), ValueError, "use_dora=True"),
+    Case("dora", "merge of a NaN magnitude", lambda tok, tmp: (_dora_layer("magnitude", math.nan).merged_weight, (), {}), ValueError, "NaN or inf"),
+    Case("dora", "merge of an inf B", lambda tok, tmp: (_dora_layer("lora_B", math.inf).merged_weight, (), {}), ValueError, "NaN or inf"),
+    # qalora
+    Case("qalora", "rank above the number of groups", lambda tok, tmp: (qalora.QALoRALinear, (nn.Linear(32, 10),), {"r": 5, "alpha": 4, "group_size": 8}), ValueError, r"in_features / group_size.*1\.\.4"),
+    Case("qalora", "rank as a float", lambda tok, tmp: (qalora.QALoRALinear, (nn.Linear(32, 10),), {"r": 2.5, "alpha": 4, "group_size": 8}), ValueError, "r must be in"),
+    Case("qalora", "alpha nan", lambda tok, tmp: (qalora.QALoRALinear, (nn.Linear(32, 10),), {"r": 2, "alpha": math.nan, "group_size": 8}), ValueError, "positive and finite"),
+    Case("qalora", "group size that does not divide", lambda tok, tmp: (qalora.QALoRALinear, (nn.Linear(32, 10),), {"r": 2, "alpha": 4, "group_size": 5}), ValueError, "group_size must divide in_features = 32"),
+    Case("qalora", "integer weights", lambda tok, tmp: (qalora.quantize_groupwise, (torch.ones(4, 8, dtype=torch.int64), 4), {}), TypeError, "floating-point"),
+    Case("qalora", "float codes", lambda tok, tmp: (qalora.GroupQuantLinear, (torch.zeros(4, 8), torch.ones(4, 2), torch.zeros(4, 2)), {}), TypeError, "uint8"),
+    Case("qalora", "QA-LoRA around a QA-LoRA layer", lambda tok, tmp: (qalora.QALoRALinear, (_qalora_layer(),), {"r": 2, "alpha": 4, "group_size": 8}), ValueError, "already has a QA-LoRA adapter"),
+    Case("qalora", "add_qalora twice", lambda tok, tmp: (qalora.add_qalora, (_qalora_model(), ["q_proj"]), {"r": 2, "alpha": 4, "group_size": 16}), ValueError, "already has QA-LoRA adapters"),
+    Case("qalora", "targets that match nothing", lambda tok, tmp: (qalora.add_qalora, (_tiny(), ["qkv"]), {"r": 2, "alpha": 4, "group_size": 16}), ValueError, "matches no module.*q_proj"),
+    Case("qalora", "a later target refuses the rank", lambda tok, tmp: (qalora.add_qalora, (_tiny(), ["q_proj", "k_proj"]), {"r": 40, "alpha": 4, "group_size": 1}), ValueError, r"1\.\.32"),
+    Case("qalora", "merge of a NaN adapter", lambda tok, tmp: (_qalora_layer(math.nan).merge, (), {}), ValueError, "NaN or inf"),
+    Case("qalora", "merge_qalora of an inf adapter", lambda tok, tmp: (qalora.merge_qalora, (_qalora_model(math.inf),), {}), ValueError, "NaN or inf"),
+    # prompt_tuning
+    Case("prompt_tuning", "zero virtual tokens", lambda tok, tmp: (prompt_tuning.PromptTuning, (_tiny(), 0), {}), ValueError, "num_virtual_tokens must be a positive integer"),
+    Case("prompt_tuning", "virtual tokens True", lambda tok, tmp: (prompt_tuning.PromptTuning, (_tiny(), True), {}), ValueError, "positive integer.*got True"),
+    Case("prompt_tuning", "init text for 2.5 tokens", lambda tok, tmp: (prompt_tuning.init_ids_from_text, (tok, "hi", 2.5), {}), ValueError, "positive number of soft tokens"),
+    Case("prompt_tuning", "init ids as floats", lambda tok, tmp: (prompt_tuning.PromptTuning, (_tiny(), 2, [1.0, 2.0]), {}), TypeError, "list of token ids"),
+    Case("prompt_tuning", "init ids outside the vocabulary", lambda tok, tmp: (prompt_tuning.PromptTuning, (_tiny(), 2, [1, 5000]), {}), ValueError, r"0\.\.999"),
+    Case("prompt_tuning", "prompt tuning twice", lambda tok, tmp: (prompt_tuning.PromptTuning, (_prompt(), 2), {}), ValueError, "already a PromptTuning"),
+    Case("prompt_tuning", "float input_ids", lambda tok, tmp: (_prompt(), (torch.zeros(1, 3),), {}), TypeError, "integer tensor of token ids"),
+    Case("prompt_tuning", "prompts of the wrong width", lambda tok, tmp: (_prompt(), (torch.ones(1, 3, dtype=torch.long),), {"prompts": torch.zeros(1, 2, 8)}), ValueError, "prompts must have shape"),
+    Case("prompt_tuning", "soft prompt holding NaN", lambda tok, tmp: (_nan_prompt().soft_prompt, (), {}), ValueError, "NaN or inf"),
+    # p_tuning
+    Case("p_tuning", "negative virtual tokens", lambda tok, tmp: (p_tuning.PTuning, (_tiny(), -1), {}), ValueError, "num_virtual_tokens must be a positive integer"),
+    Case("p_tuning", "unknown encoder", lambda tok, tmp: (p_tuning.PTuning, (_tiny(), 2), {"encoder": "GRU"}), ValueError, "encoder must be one of"),
+    Case("p_tuning", "encoder width 0", lambda tok, tmp: (p_tuning.PTuning, (_tiny(), 2), {"encoder_hidden_size": 0}), ValueError, "encoder_hidden_size must be a positive integer"),
+    Case("p_tuning", "P-tuning of a prefix-tuned model", lambda tok, tmp: (p_tuning.PTuning, (_prefix(), 2), {}), ValueError, "already a PrefixTuning"),
+    # prefix_tuning
+    Case("prefix_tuning", "2.5 virtual tokens", lambda tok, tmp: (prefix_tuning.PrefixTuning, (_tiny(), 2.5), {}), ValueError, "num_virtual_tokens must be a positive integer"),
+    Case("prefix_tuning", "a model without a KV cache", lambda tok, tmp: (prefix_tuning.PrefixTuning, (_NoCache(), 2), {}), ValueError, "KV cache"),
+    Case("prefix_tuning", "prefix tuning twice", lambda tok, tmp: (prefix_tuning.PrefixTuning, (_prefix(), 2), {}), ValueError, "already a PrefixTuning"),
+    Case("prefix_tuning", "encoder width 0", lambda tok, tmp: (prefix_tuning.PrefixTuning, (_tiny(), 2), {"prefix_projection": True, "encoder_hidden_size": 0}), ValueError, "encoder_hidden_size must be a positive integer"),
+    Case("prefix_tuning", "a prefix of the wrong shape", lambda tok, tmp: (_prefix().past_key_values, (1, torch.zeros(3, 8)), {}), ValueError, "a prefix has shape"),
+    Case("prefix_tuning", "an integer prefix", lambda tok, tmp: (_prefix().past_key_values, (1, torch.zeros(2, 64, dtype=torch.long)), {}), TypeError, "floating-point"),
+    Case("prefix_tuning", "stored prefix holding NaN", lambda tok, tmp: (_nan_prefix().stored_prefix, (), {}), ValueError, "NaN or inf"),
 ]
 # fmt: on
 
@@ -231,6 +383,12 @@ def test_the_table_covers_every_module_with_enough_rows():
         "memory",
         "train",
         "serving",
+        "ia3",
+        "dora",
+        "qalora",
+        "prompt_tuning",
+        "p_tuning",
+        "prefix_tuning",
     }
 
 
