@@ -98,6 +98,13 @@ def write_report(rows: list[dict], meta: dict) -> None:
     total = sum(meta[m]["seconds_in_all"] for m in by if m in meta)
     lines += ["", "```", format_table(rows, n=n_test), "```", ""]
     lines += [f"Exact match carries its 95% Wilson interval (course.stats), on {n_test} test examples.", ""]
+    paths = {meta[m].get("kernel_path", "not recorded") for m in by if m in meta}
+    lines += [
+        f"Compute precision: {', '.join(sorted(paths))} in every row. The bitsandbytes rows decode each 4-bit",
+        "weight and multiply in fp32 (course.kernel_path keeps bitsandbytes off its bf16 CPU kernel), as the",
+        "full, LoRA and hand-built rows do, so a difference between rows is the storage, not the arithmetic.",
+        "",
+    ]
     lines += [
         f"Whole comparison (load, train, save, evaluate each method): {total / 60:.1f} min (goal: <= 30).",
         "",
@@ -116,7 +123,11 @@ def write_report(rows: list[dict], meta: dict) -> None:
         for m in ("qlora_nf4", "qlora_fp4", "qlora_by_hand", "full"):
             if m in by and m in examples:
                 paired = compare_hits(m, examples[m]["hits"], "lora", examples["lora"]["hits"])
-                goal = "" if m == "full" else f" (goal {'met' if paired.interval[0] > -MAX_EM_GAP else 'not shown'})"
+                goal = (
+                    ""
+                    if m == "full"
+                    else f" (goal {'met' if paired.interval[0] > -MAX_EM_GAP else 'not shown'})"
+                )
                 lines.append(f"- {paired}{goal}")
         lines += ["", "Perplexity's per-example answer losses, paired (course.stats.compare_losses):", ""]
         for m in ("qlora_nf4", "qlora_fp4", "qlora_by_hand", "full"):

@@ -172,8 +172,7 @@ def main() -> dict:
     report["answers"] = {
         "hits": hits,
         "same_answers": sum(
-            a == b
-            for a, b in zip(answers["reference"], answers["bf16 kernel"], strict=True)
+            a == b for a, b in zip(answers["reference"], answers["bf16 kernel"], strict=True)
         ),
         "n": N_ANSWERS,
         "verdict": str(compare_hits("reference", hits["reference"], "bf16 kernel", hits["bf16 kernel"])),

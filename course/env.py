@@ -28,7 +28,9 @@ def pick_device() -> torch.device:
         try:
             return torch.device(chosen)
         except RuntimeError:
-            raise ValueError(f"{DEVICE_VARIABLE}={chosen!r} is not a device: use cpu, cuda, cuda:1 or mps") from None
+            raise ValueError(
+                f"{DEVICE_VARIABLE}={chosen!r} is not a device: use cpu, cuda, cuda:1 or mps"
+            ) from None
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
