@@ -66,11 +66,14 @@ def bnb_reference_dequantize(packed, absmax, blocksize, quant_type, shape, dtype
 
 
 def assert_kernel_deviation_is_the_known_one(shape, blocksize):
+    """bitsandbytes' C decoder goes wrong only where a block of `blocksize` values spans two rows (notebook 04).
+
+    It decodes a row at a time with the wrong block's absmax for the part of a block in the next row, on
+    every CPU capability (AVX512 and AVX2 alike); where it is not used (an odd last dimension, and block
+    sizes >= 2048 on AVX512 CPUs, which fall back to its PyTorch decoder) nothing deviates.
+    """
     spans_rows = len(shape) == 2 and shape[0] > 1 and shape[1] % blocksize != 0
-    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    assert avx512 and spans_rows, (
-        f"bitsandbytes' C kernel disagrees with its reference at {shape}, {blocksize}"
-    )
+    assert spans_rows, f"bitsandbytes' C kernel disagrees with its reference at {shape}, {blocksize}"
 
 
 def assert_bit_exact(x, blocksize, quant_type):
