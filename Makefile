@@ -78,7 +78,7 @@ CHECK_PYTHON = $(or $(wildcard $(BIN)/python),$(shell command -v $(PYTHON) 2>/de
 check:
 	$(CHECK_PYTHON) -m course.preflight
 
-# bitsandbytes' other CPU path (not part of `make test`, about 30 min): as on a CPU without AVX512-BF16 (most
+# bitsandbytes' other CPU path (not part of `make test`, 17 min here): as on a CPU without AVX512-BF16 (most
 # laptops), with bitsandbytes' native probe answering False (tests/cpu_without_bf16/sitecustomize.py) and torch's
 # kernels at AVX2. Run it after changing anything that touches bitsandbytes: the unit tests, then nbval of every
 # notebook that uses it (`make notebooks` stores those notebooks on this path too; on such a CPU both paths agree).
