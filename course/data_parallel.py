@@ -45,8 +45,16 @@ def setup() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def teardown() -> None:
+def teardown(*, finished: bool = False) -> None:
+    """Leave the process group; `finished`: first wait until every rank is done.
+
+    A rank that closes its gloo connections while a peer still reads from them can abort that
+    peer ("Connection closed by peer", SIGABRT). After a failure there is no barrier: the peers
+    may be inside another collective, and torchrun ends them anyway.
+    """
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -149,6 +149,16 @@ def _why(lines: list[str], returncodes: list[int | None], timed_out: bool, timeo
     return f"torchrun exited with {returncodes}{detail}"
 
 
+def _workers_tail(lines: list[str], n: int = 15) -> list[str]:
+    """The workers' own last lines: what they printed before torchrun's report of their failure.
+
+    torchrun's report (its elastic agent's log lines and traceback) ends the output and would
+    otherwise fill the quoted tail with its own frames, hiding the worker's error message.
+    """
+    report = next((i for i, line in enumerate(lines) if "torch/distributed/elastic" in line), len(lines))
+    return lines[max(0, report - n) : report]
+
+
 def launch(
     module: str,
     args: list[str] = (),
@@ -165,7 +175,7 @@ def launch(
     Each node is one torchrun process on loopback. Output lines are printed as they arrive
     (echo) and collected. Every process started is ended before this returns, also on a
     timeout, a failure or a KeyboardInterrupt. With `check`, a failed job raises WorkerFailed
-    (its message names the failed rank and quotes the last lines); without, the result says.
+    (its message names the failed rank and quotes the workers' last lines); without, the result says.
     """
     port = free_port()
     commands = [
@@ -225,7 +235,7 @@ def launch(
             thread.join(timeout=5)
     result = LaunchResult(commands, returncodes, lines, time.perf_counter() - start, left)
     if check and (not result.ok or left):
-        tail = "\n".join(lines[-15:])
+        tail = "\n".join(_workers_tail(lines))
         message = _why(lines, returncodes, timed_out, timeout)
         if left:
             message += f"; {left} processes could not be ended"

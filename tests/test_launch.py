@@ -62,6 +62,14 @@ def test_check_false_returns_the_failure(tmp_path):
     assert _workers_with(str(out)) == []
 
 
+def test_the_failure_quotes_the_workers_message_not_torchruns_traceback(tmp_path):
+    out = tmp_path / "quoted"
+    with pytest.raises(WorkerFailed) as failure:
+        launch("course.workers.train", ["--out", out, "--modes", "nonsense"], timeout=60, echo=False)
+    quoted = str(failure.value).partition("Last lines of output:")[2]
+    assert "unknown modes" in quoted and "elastic" not in quoted, quoted
+
+
 def test_shipped_fsdp_qlora_config_parses():
     from pathlib import Path
 

@@ -38,6 +38,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     rank, world_size, device = setup()
+    finished = False
     results = []
     try:
         for numel in map(int, args.numels.split(",")):
@@ -72,8 +73,9 @@ def main(argv=None) -> None:
                     f"{row['seconds'] * 1000:7.1f} ms",
                     flush=True,
                 )
+        finished = True
     finally:
-        teardown()
+        teardown(finished=finished)
 
 
 if __name__ == "__main__":

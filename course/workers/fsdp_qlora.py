@@ -98,6 +98,7 @@ def main(argv=None) -> None:
     parser.add_argument("--storage", default="float32", choices=["float32", "bfloat16", "uint8"])
     args = parser.parse_args(argv)
     rank, world_size, device = setup()
+    finished = False
     try:
         report = {}
         try:
@@ -112,8 +113,9 @@ def main(argv=None) -> None:
         if rank == 0:
             Path(args.out).write_text(json.dumps(report, indent=1))
             print(json.dumps({k: v for k, v in report.items() if k != "where"}), flush=True)
+        finished = report["ok"]  # after a failed probe a peer may be inside a collective
     finally:
-        teardown()
+        teardown(finished=finished)
 
 
 if __name__ == "__main__":

@@ -168,12 +168,14 @@ def main(argv=None) -> None:
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     rank, world_size, device = setup()
+    finished = False
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for mode in modes:
             run_mode(mode, args, rank, world_size, device)
+        finished = True
     finally:
-        teardown()
+        teardown(finished=finished)
 
 
 if __name__ == "__main__":
