@@ -3,7 +3,7 @@
 The glue behind notebook 11's comparison and benchmarks/families.py. Each family is a builder
 that wraps a fresh copy of the frozen base model; everything else is shared with the rest of the
 course: `course.train.train` (same seeded batches, AdamW, linear decay, answer-only logits),
-`course.train.teacher_forced_exact_match` (greedy exact match from one forward pass),
+`course.train.teacher_forced_exact_match` (a lower bound on greedy exact match, from one forward pass),
 `course.train.perplexity` (its log is the validation loss), `course.compare.model_bytes` and
 the measured peak of `train` for memory, `course.stats` for the intervals.
 

@@ -4,8 +4,8 @@
 completion-only loss, AdamW (or any optimizer factory), a linear learning-rate decay,
 a tqdm bar, a loss history and, when asked, checkpoints it resumes from after an
 interruption. `evaluate_exact_match` generates greedily in batches and
-scores the answers; `teacher_forced_exact_match` gets the same score from one forward pass
-(for comparing many models cheaply); `perplexity` is exp(mean loss) over the answer tokens.
+scores the answers; `teacher_forced_hits` gets a lower bound of it, per example, from one forward
+pass (for comparing many models, or a slow one, cheaply); `perplexity` is exp(mean loss) over the answer tokens.
 
 Each of them first puts a bitsandbytes 4-bit model on the reference kernel path
 (`course.kernel_path`): on a CPU with AVX512-BF16 an eval forward would otherwise repack the
@@ -389,18 +389,19 @@ def evaluate_exact_match(model, tokenizer, dataset, **kwargs) -> EvalResult:
 
 
 @torch.no_grad()
-def teacher_forced_exact_match(model, tokenizer, dataset, batch_size: int = 50) -> float:
-    """Share of examples whose every answer token (and end-of-turn) is the model's argmax, given the truth so far.
+def teacher_forced_hits(model, tokenizer, dataset, batch_size: int = 50) -> list[int]:
+    """Per example, 1 when every answer token (and end-of-turn) is the model's argmax given the truth so far.
 
-    Greedy decoding writes exactly the reference tokens if and only if, at each answer position,
-    the argmax given the reference prefix is the next reference token: so this equals greedy
-    exact match (`evaluate_exact_match`) for a model that answers in the
-    reference's tokenization, at the cost of one forward pass instead of one per new token.
+    Greedy decoding writes exactly the reference's tokens if and only if this holds, so a hit here is
+    a greedy hit; greedy exact match can score more (an answer equal to the reference as text but in
+    other tokens, or one that parses to the same fields), never less. It is a lower bound on greedy
+    exact match, from one forward pass instead of one per new token: cheap enough for a whole test
+    split through a slow model, and per example, so two models can be compared paired.
     """
     use_reference_kernel(model)
     device = next(model.parameters()).device
     tokenized = [tokenize_for_training(tokenizer, example) for example in dataset]
-    hits = 0
+    hits = []
     for start in range(0, len(tokenized), batch_size):
         batch = collate(tokenized[start : start + batch_size], tokenizer.pad_token_id)
         logits = model(
@@ -409,8 +410,14 @@ def teacher_forced_exact_match(model, tokenizer, dataset, batch_size: int = 50) 
         predicted = logits[:, :-1].argmax(-1).cpu()  # (B, T-1): the token predicted for position t+1
         targets = batch["labels"][:, 1:]  # (B, T-1)
         wrong = (predicted != targets) & (targets != IGNORE_INDEX)
-        hits += int((~wrong.any(-1)).sum())
-    return hits / len(tokenized)
+        hits += (~wrong.any(-1)).int().tolist()
+    return hits
+
+
+def teacher_forced_exact_match(model, tokenizer, dataset, batch_size: int = 50) -> float:
+    """The share of `teacher_forced_hits`: a lower bound on greedy exact match, from one forward pass."""
+    hits = teacher_forced_hits(model, tokenizer, dataset, batch_size)
+    return sum(hits) / len(hits)
 
 
 @torch.no_grad()

@@ -164,7 +164,9 @@ def _jsonl_rows(text: str):
         try:
             row = json.loads(raw)
         except json.JSONDecodeError as err:
-            row = UserDataError(line, None, f"malformed JSON ({err.msg} at column {err.colno})")
+            # json's messages either end in "at" ("Unterminated string starting at") or need one
+            at = "" if err.msg.endswith(" at") else " at"
+            row = UserDataError(line, None, f"malformed JSON ({err.msg}{at} column {err.colno})")
         yield line, row, raw
 
 

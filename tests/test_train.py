@@ -121,6 +121,8 @@ def test_teacher_forced_exact_match_scores_each_answer_token(tokenizer):
     assert train.teacher_forced_exact_match(spoil_row_1, tokenizer, dataset, batch_size=4) == pytest.approx(
         4 / 6
     )
+    # per example: rows 1 and 5 (row 1 of the second batch of 4) are the spoiled ones
+    assert train.teacher_forced_hits(spoil_row_1, tokenizer, dataset, batch_size=4) == [1, 0, 1, 1, 1, 0]
 
 
 def test_perplexity_is_exp_of_the_models_own_loss(tiny, tokenizer):

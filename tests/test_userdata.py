@@ -26,7 +26,14 @@ GOOD = {"prompt": "lights off", "completion": 'lights(room="office", level=0)'}
 @pytest.mark.parametrize(
     "row, line_field_reason",
     [
-        ('{"prompt": "a", "completion": "b"', (2, None, "malformed JSON")),
+        (
+            '{"prompt": "a", "completion": "b"',
+            (2, None, "malformed JSON (Expecting ',' delimiter at column 34)"),
+        ),
+        (
+            '{"prompt": "a", "completion": "b}',
+            (2, None, "malformed JSON (Unterminated string starting at column 31)"),
+        ),
         ({"prompt": "a"}, (2, "completion", "missing")),
         ({"prompt": "  ", "completion": "b"}, (2, "prompt", "empty")),
         ({"prompt": "a", "completion": 7}, (2, "completion", "expected a string, got int")),
