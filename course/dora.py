@@ -27,6 +27,8 @@ import math
 import torch
 from torch import nn
 
+from course.lora import refuse_non_finite
+
 
 class DoRALinear(nn.Module):
     """A frozen nn.Linear `base` with a trainable magnitude `m` (out,) and a LoRA direction update.
@@ -41,6 +43,11 @@ class DoRALinear(nn.Module):
             raise ValueError(
                 "this layer already has a DoRA adapter (magnitude and direction): train that one, "
                 "or wrap a fresh nn.Linear (its `.base` is the frozen W0)"
+            )
+        if not isinstance(base, nn.Linear) and isinstance(getattr(base, "base", None), nn.Module):
+            raise ValueError(
+                f"this layer already holds an adapter ({type(base).__name__} around its linear layer): merge that "
+                "adapter first (DoRA needs the dense W0 for the row norm), or start from a fresh model"
             )
         if not isinstance(base, nn.Linear):
             raise TypeError(
@@ -92,11 +99,8 @@ class DoRALinear(nn.Module):
         weight = self.base.weight
         V = weight.float() + self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
         merged = ((self.magnitude / V.norm(dim=1))[:, None] * V).to(weight.dtype)  # (out, 1) * (out, in)
-        if not bool(torch.isfinite(merged).all()):
-            raise ValueError(
-                "the merged weight would hold NaN or inf (the adapter holds non-finite values, a row of V is zero, "
-                "or the result overflows the base's dtype): refused. Check the adapter's training."
-            )
+        causes = "the adapter holds non-finite values, a row of V is zero, or the result overflows the base's dtype"
+        refuse_non_finite(merged, "the merged weight", causes, unchanged="the layer is unchanged")
         return merged
 
     def extra_repr(self) -> str:

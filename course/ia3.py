@@ -32,10 +32,34 @@ import re
 import torch
 from torch import nn
 
-from course.lora import find_target_modules
+from course.lora import _is_linear, find_target_modules, refuse_non_finite
 
 TARGETS = ("k_proj", "v_proj", "down_proj")  # peft's default for Llama (TRANSFORMERS_MODELS_TO_IA3_...)
 FEEDFORWARD = ("down_proj",)
+
+
+def check_base(base: nn.Module) -> None:
+    """ValueError unless `base` is a plain nn.Linear; add_ia3 checks every target before it changes anything."""
+    if isinstance(base, IA3Linear):
+        raise ValueError(
+            "this layer already has an IA3 vector (it is an IA3Linear): wrap its `.base`, or merge it first"
+        )
+    if not isinstance(base, nn.Linear) and isinstance(getattr(base, "base", None), nn.Module):
+        raise ValueError(
+            f"this layer already holds an adapter ({type(base).__name__} around its linear layer): "
+            "merge that adapter first, or start from a fresh model"
+        )
+    if not isinstance(base, nn.Linear) and _is_linear(base):
+        raise ValueError(
+            f"IA3Linear wraps a dense nn.Linear (its merge multiplies the vector into the weight), got "
+            f"{type(base).__name__}, a linear layer stored quantized: apply IA3 before quantizing (to a fresh "
+            "copy of the base model), or use peft's IA3Config, which also wraps bitsandbytes layers"
+        )
+    if not isinstance(base, nn.Linear):
+        raise ValueError(
+            f"IA3 rescales the input or output features of a linear layer, got {type(base).__name__}: "
+            "target the projections (e.g. k_proj, v_proj, down_proj), not norms or activations"
+        )
 
 
 class IA3Linear(nn.Module):
@@ -43,20 +67,7 @@ class IA3Linear(nn.Module):
 
     def __init__(self, base: nn.Linear, feedforward: bool):
         super().__init__()
-        if isinstance(base, IA3Linear):
-            raise ValueError(
-                "this layer already has an IA3 vector (it is an IA3Linear): wrap its `.base`, or merge it first"
-            )
-        if not isinstance(base, nn.Linear) and isinstance(getattr(base, "base", None), nn.Module):
-            raise ValueError(
-                f"this layer already holds an adapter ({type(base).__name__} around its linear layer): "
-                "merge that adapter first, or start from a fresh model"
-            )
-        if not isinstance(base, nn.Linear):
-            raise ValueError(
-                f"IA3 rescales the input or output features of a linear layer, got {type(base).__name__}: "
-                "target the projections (e.g. k_proj, v_proj, down_proj), not norms or activations"
-            )
+        check_base(base)
         self.base = base
         self.base.requires_grad_(False)
         self.feedforward = feedforward
@@ -86,13 +97,10 @@ class IA3Linear(nn.Module):
         else:
             new_weight = (weight * l[:, None]).to(weight.dtype)  # (out, in) * (out, 1): rows
             new_bias = None if bias is None else (bias * l).to(bias.dtype)  # (out,) * (out,)
-        if not bool(torch.isfinite(new_weight).all()) or (
-            new_bias is not None and not bool(new_bias.isfinite().all())
-        ):
-            raise ValueError(
-                "the merged weight would hold NaN or inf (the IA3 vector holds non-finite values, or the product "
-                "overflows the base's dtype): refused, the model is unchanged. Check the adapter's training."
-            )
+        causes = "the IA3 vector holds non-finite values, or the product overflows the base's dtype"
+        refuse_non_finite(new_weight, "the merged weight", causes, unchanged="the layer is unchanged")
+        if new_bias is not None:
+            refuse_non_finite(new_bias, "the merged bias", causes, unchanged="the layer is unchanged")
         merged = nn.Linear(self.base.in_features, self.base.out_features, bias=bias is not None)
         merged = merged.to(weight.device, weight.dtype)
         merged.weight.copy_(new_weight)
@@ -137,12 +145,12 @@ def add_ia3(model, target_modules=TARGETS, feedforward_modules=FEEDFORWARD) -> l
                 f"feedforward_modules {missing} must also be in target_modules {list(target_modules)}"
             )
     names = find_target_modules(model, target_modules)  # ValueError naming the linear layers if none match
+    for name in names:  # before any IA3Linear freezes its base: a refused call leaves the model as it was
+        check_base(model.get_submodule(name))
     layers = {
         name: IA3Linear(model.get_submodule(name), _matches(name, feedforward_modules)) for name in names
     }
-    model.requires_grad_(
-        False
-    )  # only after every target was accepted: a refused call leaves the model as it was
+    model.requires_grad_(False)
     for name, layer in layers.items():
         layer.ia3_l.requires_grad_(True)
         parent, _, child = name.rpartition(".")
@@ -153,9 +161,15 @@ def add_ia3(model, target_modules=TARGETS, feedforward_modules=FEEDFORWARD) -> l
 def merge_ia3(model) -> int:
     """Replace every IA3Linear by its merged nn.Linear; returns how many were merged.
 
-    Every layer is merged before any is replaced, so a refused merge (NaN or inf) changes nothing.
+    Every layer is merged before any is replaced, so a refused merge (NaN or inf) changes nothing;
+    its ValueError names the layer that refused.
     """
-    merged = {name: layer.merge() for name, layer in ia3_layers(model).items()}
+    merged = {}
+    for name, layer in ia3_layers(model).items():
+        try:
+            merged[name] = layer.merge()
+        except ValueError as err:
+            raise ValueError(f"merge_ia3 refused at {name} (no layer was replaced): {err}") from None
     for name, linear in merged.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, linear)

@@ -43,6 +43,22 @@ def _is_linear(module: nn.Module) -> bool:
     )
 
 
+def refuse_non_finite(
+    tensor: torch.Tensor, what: str, causes: str, unchanged: str = "the base weight is unchanged"
+) -> None:
+    """ValueError unless every entry of `tensor`, about to be written into a model, is finite.
+
+    A NaN or inf merged into a weight fails silently: the model still runs, and every output
+    it touches is NaN from then on. So every merge here (LoRA, IA3, DoRA, QA-LoRA, the stored
+    soft prompt and prefix) forms its result first, checks it with this, and only then writes
+    it: a refusal changes nothing. peft's `merge(safe_merge=True)` checks the same.
+    """
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(
+            f"{what} would hold NaN or inf ({causes}): refused, {unchanged}. Check the adapter's training."
+        )
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer `base` plus a trainable rank-`r` update `B A`, scaled by `alpha / r`.
 
@@ -145,11 +161,9 @@ class LoRALinear(nn.Module):
             raise ValueError("already merged; call unmerge() first")
         weight = self._base_weight()
         merged = weight + self.delta_weight()  # (out, in), in the wider of the two dtypes
-        if not bool(torch.isfinite(merged).all()):
-            raise ValueError(
-                "the merged weight would hold NaN or inf (the adapter holds non-finite values, or their "
-                "product overflows): refused, the base weight is unchanged. Check the adapter's training."
-            )
+        refuse_non_finite(
+            merged, "the merged weight", "the adapter holds non-finite values, or their product overflows"
+        )
         weight.copy_(merged)  # one rounding to the base dtype
         self.merged = True
 
@@ -164,8 +178,11 @@ class LoRALinear(nn.Module):
             raise ValueError("not merged; nothing to unmerge")
         weight = self._base_weight()
         delta = self.delta_weight().to(weight.dtype)  # (out, in)
-        if not bool(torch.isfinite(delta).all()):
-            raise ValueError("the adapter holds NaN or inf: unmerge refused, the base weight is unchanged")
+        refuse_non_finite(
+            delta,
+            "the update to subtract (unmerge)",
+            "the adapter holds non-finite values, or the update overflows W0's dtype",
+        )
         weight -= delta
         self.merged = False
 

@@ -34,6 +34,7 @@ import inspect
 import torch
 from torch import nn
 
+from course.lora import refuse_non_finite
 from course.prompt_tuning import refuse_soft_prompt_model
 
 
@@ -154,11 +155,11 @@ class PrefixTuning(nn.Module):
         """What a deployment stores: the computed (n, L * 2 * kv_dim) prefix; the MLP is dropped.
 
         Like a merge it folds the reparameterization away, so a prefix holding NaN or inf is
-        refused with a ValueError rather than stored.
+        refused with a ValueError rather than stored; so is one that the model's dtype cannot hold
+        (above fp16's 65,504), which would turn into inf where it enters the cache. It is kept in
+        fp32, as peft stores it.
         """
-        prefix = self.prefix().detach()  # (n, L * 2 * kv_dim)
-        if not bool(torch.isfinite(prefix).all()):
-            raise ValueError(
-                "the prefix holds NaN or inf (training diverged, or a NaN was loaded): refused, nothing stored"
-            )
+        prefix = self.prefix().detach()  # (n, L * 2 * kv_dim), fp32
+        causes = f"training diverged, a NaN was loaded, or a value overflows the model's {self.model.dtype}"
+        refuse_non_finite(prefix.to(self.model.dtype), "the prefix", causes, unchanged="nothing stored")
         return prefix

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from course.data import IGNORE_INDEX
+from course.lora import refuse_non_finite
 
 
 def _describe(x) -> str:
@@ -153,13 +154,14 @@ class SoftPromptModel(nn.Module):
         """What a deployment stores: the (n, d) prompt itself (any encoder that produced it is dropped).
 
         Like a merge, it folds the trained parts into what is kept, so a prompt holding NaN or inf
-        is refused with a ValueError rather than stored.
+        is refused with a ValueError rather than stored; so is one that the model's dtype cannot
+        hold (above fp16's 65,504), which would turn into inf where it joins the input embeddings.
+        It is kept in fp32, as peft stores it.
         """
-        prompt = self.prompts().detach()  # (n, d)
-        if not bool(torch.isfinite(prompt).all()):
-            raise ValueError(
-                "the soft prompt holds NaN or inf (training diverged, or a NaN was loaded): refused, nothing stored"
-            )
+        prompt = self.prompts().detach()  # (n, d), fp32
+        dtype = self.model.get_input_embeddings().weight.dtype
+        causes = f"training diverged, a NaN was loaded, or a value overflows the model's {dtype}"
+        refuse_non_finite(prompt.to(dtype), "the soft prompt", causes, unchanged="nothing stored")
         return prompt
 
 

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from course.lora import find_target_modules
+from course.lora import find_target_modules, refuse_non_finite
 
 
 def quantize_groupwise(weight: torch.Tensor, group_size: int = 32, bits: int = 4):
@@ -161,6 +161,11 @@ class QALoRALinear(nn.Module):
             )
         if isinstance(base, nn.Linear):
             base = GroupQuantLinear.from_linear(base, group_size, bits)
+        if not isinstance(base, GroupQuantLinear) and isinstance(getattr(base, "base", None), nn.Module):
+            raise ValueError(
+                f"this layer already holds an adapter ({type(base).__name__} around its linear layer): merge that "
+                "adapter first (QA-LoRA quantizes a plain nn.Linear), or start from a fresh copy of the base model"
+            )
         if not isinstance(base, GroupQuantLinear):
             raise ValueError(
                 f"QALoRALinear wraps an nn.Linear or a GroupQuantLinear, got {type(base).__name__}"
@@ -210,11 +215,8 @@ class QALoRALinear(nn.Module):
         shift = (self.lora_B.weight @ self.lora_A.weight) * self.scaling / self.group_size  # (out, in / L)
         base = self.base
         zeros = (base.zeros + shift).to(base.zeros.dtype)  # (out, in / L)
-        if not bool(torch.isfinite(zeros).all()):
-            raise ValueError(
-                "the merged zero-points would hold NaN or inf (the adapter holds non-finite values, or the shift "
-                "overflows the base's dtype): refused, the model is unchanged. Check the adapter's training."
-            )
+        causes = "the adapter holds non-finite values, or the shift overflows the base's dtype"
+        refuse_non_finite(zeros, "the merged zero-points", causes, unchanged="the layer is unchanged")
         return GroupQuantLinear(base.codes, base.scales, zeros, base.bias, base.bits)
 
     def extra_repr(self) -> str:
@@ -256,9 +258,15 @@ def add_qalora(model: nn.Module, target_modules, r: int, alpha: float, group_siz
 def merge_qalora(model: nn.Module) -> list[str]:
     """Replace every QALoRALinear by its merged GroupQuantLinear, in place.
 
-    Every layer is merged before any is replaced, so a refused merge (NaN or inf) changes nothing.
+    Every layer is merged before any is replaced, so a refused merge (NaN or inf) changes nothing;
+    its ValueError names the layer that refused.
     """
-    merged = {name: layer.merge() for name, layer in qalora_layers(model).items()}
+    merged = {}
+    for name, layer in qalora_layers(model).items():
+        try:
+            merged[name] = layer.merge()
+        except ValueError as err:
+            raise ValueError(f"merge_qalora refused at {name} (no layer was replaced): {err}") from None
     for name, layer in merged.items():
         _replace(model, name, layer)
     return list(merged)

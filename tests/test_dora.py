@@ -136,6 +136,31 @@ def test_a_non_finite_merge_is_refused_and_changes_nothing(part, value):
     assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
 
 
+def test_a_zero_row_of_v_is_refused_at_merge():
+    """m / ||V|| is 0 / 0 for a row of W0 that is zero while B = 0: the merged row would be NaN."""
+    base = nn.Linear(16, 8)
+    with torch.no_grad():
+        base.weight[2] = 0
+    with pytest.raises(ValueError, match="a row of V is zero"):
+        DoRALinear(base, r=2, alpha=4).merged_weight()
+
+
+def test_dora_on_top_of_another_adapter_says_what_it_found():
+    """Not "wraps an nn.Linear, got LoRALinear": the layer is adapted already, and merging it is the way out."""
+    from course.ia3 import IA3Linear
+    from course.lora import LoRALinear
+    from course.qalora import QALoRALinear
+
+    for adapted in (
+        LoRALinear(nn.Linear(16, 8), r=2, alpha=4),
+        IA3Linear(nn.Linear(16, 8), feedforward=True),
+        QALoRALinear(nn.Linear(16, 8), r=2, alpha=4, group_size=8),
+    ):
+        name = type(adapted).__name__
+        with pytest.raises(ValueError, match=f"already holds an adapter \\({name}.*merge that adapter first"):
+            DoRALinear(adapted, r=2, alpha=4)
+
+
 def test_dora_twice_says_so():
     layer = DoRALinear(nn.Linear(16, 8), r=2, alpha=4)
     with pytest.raises(ValueError, match="already has a DoRA adapter"):

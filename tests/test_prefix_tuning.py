@@ -150,6 +150,19 @@ def test_a_non_finite_prefix_is_not_stored(base):
         ours.stored_prefix()
 
 
+@pytest.mark.parametrize("projection", [False, True], ids=["direct", "mlp"])
+def test_a_prefix_that_overflows_the_model_dtype_is_not_stored(base, projection):
+    """Finite in its fp32 but beyond fp16's 65,504: in the fp16 KV cache it would be inf."""
+    ours = PrefixTuning(copy.deepcopy(base).half(), N, prefix_projection=projection)
+    with torch.no_grad():
+        (ours.transform[-1].bias if projection else ours.embedding.weight).view(-1)[0] = 1e6
+    assert torch.isfinite(ours.prefix()).all()
+    with pytest.raises(ValueError, match="overflows the model's torch.float16"):
+        ours.stored_prefix()
+    ours.model.float()  # the same prefix beside an fp32 model is stored
+    assert ours.stored_prefix().dtype == torch.float32
+
+
 def test_an_integer_prefix_is_refused(base):
     ours = PrefixTuning(copy.deepcopy(base), N)
     with pytest.raises(TypeError, match="floating-point"):

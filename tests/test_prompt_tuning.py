@@ -177,12 +177,27 @@ def test_a_refused_configuration_leaves_the_model_trainable(base):
         assert all(p.requires_grad for p in model.parameters())
 
 
-def test_a_non_finite_prompt_is_not_stored(base):
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_a_non_finite_prompt_is_not_stored(base, bad):
     ours = PTuning(copy.deepcopy(base), N)
     with torch.no_grad():
-        ours.embedding.weight[0, 0] = math.nan
+        ours.embedding.weight[0, 0] = bad
     with pytest.raises(ValueError, match="NaN or inf"):
         ours.soft_prompt()
+
+
+@pytest.mark.parametrize("method", [PromptTuning, PTuning], ids=["prompt_tuning", "p_tuning"])
+def test_a_prompt_that_overflows_the_model_dtype_is_not_stored(base, method):
+    """Finite in its fp32 but beyond fp16's 65,504: where it joins the fp16 embeddings it would be inf."""
+    ours = method(copy.deepcopy(base).half(), N)
+    with torch.no_grad():
+        weights = ours.embedding.weight if method is PromptTuning else ours.mlp_head[-1].bias
+        weights.view(-1)[0] = 1e6
+    assert torch.isfinite(ours.prompts()).all()
+    with pytest.raises(ValueError, match="overflows the model's torch.float16"):
+        ours.soft_prompt()
+    ours.model.float()  # the same prompt beside an fp32 model is stored
+    assert ours.soft_prompt().dtype == torch.float32
 
 
 @pytest.mark.parametrize("encoder", ["MLP", "LSTM"])

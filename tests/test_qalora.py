@@ -168,11 +168,34 @@ def test_a_non_finite_merge_is_refused_and_changes_nothing(bad):
     with torch.no_grad():
         model.model.layers[1].self_attn.v_proj.lora_B.weight[0, 0] = bad  # the last of the four
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="NaN or inf"):
-        merge_qalora(model)
+    with pytest.raises(
+        ValueError, match="merge_qalora refused at model.layers.1.self_attn.v_proj .*NaN or inf"
+    ):
+        merge_qalora(model)  # the layer that refused is named
     after = model.state_dict()
     assert before.keys() == after.keys()  # no layer replaced, not even the three before the bad one
     assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
+
+
+def test_a_merge_that_overflows_half_precision_is_refused():
+    """A shift that is finite in fp32 but beyond fp16's 65,504 would write inf into the zero-points."""
+    layer = QALoRALinear(nn.Linear(32, 10).half(), r=3, alpha=6, group_size=8)
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(1e9)
+    assert torch.isfinite(layer.lora_B.weight @ layer.lora_A.weight).all()  # finite in the adapter's fp32
+    with pytest.raises(ValueError, match="overflows the base's dtype"):
+        layer.merge()
+
+
+def test_qalora_on_top_of_another_adapter_says_what_it_found():
+    """Not "wraps an nn.Linear or a GroupQuantLinear, got LoRALinear": merging that adapter is the way out."""
+    model = course.models.tiny_model()
+    course.lora.add_lora(model, ["q_proj"], r=2, alpha=4)
+    with pytest.raises(ValueError, match="already holds an adapter \\(LoRALinear.*merge that adapter first"):
+        add_qalora(model, ["q_proj"], r=2, alpha=4, group_size=16)
+    ia3_layer = course.ia3.IA3Linear(nn.Linear(32, 10), feedforward=False)
+    with pytest.raises(ValueError, match="already holds an adapter \\(IA3Linear"):
+        QALoRALinear(ia3_layer, r=2, alpha=4, group_size=8)
 
 
 def test_qalora_twice_says_so():

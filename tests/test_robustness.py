@@ -7,10 +7,12 @@ message must match: the part that says what was expected. For every row the test
 2. that the innermost frame of the traceback is in the `course` package (not deep inside
    torch, json or Python: a learner should read our message, not a library's), and
 3. that every tensor reachable from the arguments (modules' parameters and buffers, an
-   optimizer's parameters and states) is bit-identical afterwards.
+   optimizer's parameters and states) is bit-identical afterwards, and as trainable as before
+   (a refused call must not freeze half a model either).
 The adapter families (IA3, DoRA, QA-LoRA, prompt tuning, P-tuning, prefix tuning) have rows here
-too: wrong ranks and token counts, wrong dtypes, targets that do not exist, a family applied twice,
-and merges of NaN or inf (refused, the weights bit-identical). LongLoRA and LoftQ are checked by
+too: wrong ranks and token counts, wrong dtypes, targets that do not exist, a family applied twice
+or on top of another adapter, and merges of NaN or inf or of values that overflow an fp16 base
+(refused, the weights bit-identical; a model-level merge names the layer). LongLoRA and LoftQ are checked by
 their own tests.
 """
 
@@ -74,16 +76,18 @@ def _tensors(obj, seen=None):
 
 
 def _snapshot(objects):
+    """(values, requires_grad) of every tensor: a refused call must neither write nor freeze anything."""
     return [
-        t.detach().clone()
+        (t.detach().clone(), t.requires_grad)
         for t in _tensors(objects)
         if isinstance(t, torch.Tensor) and t.device.type != "meta"
     ]
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same(first: tuple, second: tuple) -> bool:
     """Bit-identical, NaN in the same places counting as equal (a row may hold a NaN on purpose)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
+    (a, a_grad), (b, b_grad) = first, second
+    if a.dtype != b.dtype or a.shape != b.shape or a_grad != b_grad:
         return False
     if a.is_floating_point():
         return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
@@ -152,16 +156,33 @@ def _ia3_model(bad=None):
     return model
 
 
-def _ia3_layer(bad):
-    layer = ia3.IA3Linear(nn.Linear(16, 8), feedforward=False)
+def _ia3_layer(bad, dtype=torch.float32, bias=None):
+    """An output-side IA3 layer whose vector holds `bad` at 0; `bias` goes into the base's bias[0]."""
+    torch.manual_seed(0)
+    layer = ia3.IA3Linear(nn.Linear(16, 8).to(dtype), feedforward=False)
     with torch.no_grad():
         layer.ia3_l[0] = bad
+        if bias is not None:
+            layer.base.bias[0] = bias
     return layer
 
 
-def _dora_layer(part="lora_B", bad=None):
+def _quantized_model():
+    """A one-layer model whose k_proj is a GroupQuantLinear, as after merge_qalora."""
+    model = _tiny()
+    qalora.quantize_layers_groupwise(model, ["k_proj"], group_size=16)
+    return model
+
+
+def _lora_model():
+    model = _tiny()
+    lora.add_lora(model, ["q_proj", "v_proj"], r=2, alpha=4)
+    return model
+
+
+def _dora_layer(part="lora_B", bad=None, dtype=torch.float32):
     torch.manual_seed(0)
-    layer = dora.DoRALinear(nn.Linear(16, 8), r=2, alpha=4)
+    layer = dora.DoRALinear(nn.Linear(16, 8).to(dtype), r=2, alpha=4)
     nn.init.normal_(layer.lora_B.weight)
     if bad is not None:
         with torch.no_grad():
@@ -169,9 +190,17 @@ def _dora_layer(part="lora_B", bad=None):
     return layer
 
 
-def _qalora_layer(bad=None):
+def _dora_zero_row():
+    """A DoRA layer whose W0 has a zero row: with B = 0 that row of V is zero, and m / ||V|| is 0 / 0."""
+    base = nn.Linear(16, 8)
+    with torch.no_grad():
+        base.weight[0] = 0
+    return dora.DoRALinear(base, r=2, alpha=4)
+
+
+def _qalora_layer(bad=None, dtype=torch.float32):
     torch.manual_seed(0)
-    layer = qalora.QALoRALinear(nn.Linear(32, 8), r=2, alpha=4, group_size=8)
+    layer = qalora.QALoRALinear(nn.Linear(32, 8).to(dtype), r=2, alpha=4, group_size=8)
     nn.init.normal_(layer.lora_B.weight)
     if bad is not None:
         with torch.no_grad():
@@ -203,10 +232,33 @@ def _nan_prompt():
     return model
 
 
+def _bad_prompt(bad, dtype=torch.float32):
+    """Prompt tuning of a `dtype` model, `bad` in its (fp32) prompt; 1e6 is finite in fp32, inf in fp16."""
+    model = prompt_tuning.PromptTuning(_tiny().to(dtype), 2)
+    with torch.no_grad():
+        model.embedding.weight[0, 0] = bad
+    return model
+
+
+def _bad_p_tuning(bad, dtype=torch.float32):
+    """P-tuning whose encoder's last bias holds `bad`: every prompt row gets it."""
+    model = p_tuning.PTuning(_tiny().to(dtype), 2)
+    with torch.no_grad():
+        model.mlp_head[-1].bias[0] = bad
+    return model
+
+
 def _nan_prefix():
     model = _prefix(projection=True)
     with torch.no_grad():
         model.transform[0].weight[0, 0] = math.nan
+    return model
+
+
+def _bad_prefix(bad, dtype=torch.float32):
+    model = prefix_tuning.PrefixTuning(_tiny().to(dtype), 2)
+    with torch.no_grad():
+        model.embedding.weight[0, 0] = bad
     return model
 
 
@@ -321,7 +373,14 @@ CASES = [
     Case("ia3", "feed-forward not among the targets", lambda tok, tmp: (ia3.add_ia3, (_tiny(), ("k_proj",), ("down_proj",)), {}), ValueError, "must also be in target_modules"),
     Case("ia3", "feed-forward given as a string", lambda tok, tmp: (ia3.add_ia3, (_tiny(), ["k_proj", "down_proj"], "down_proj"), {}), ValueError, "as a list too"),
     Case("ia3", "merge of a NaN vector", lambda tok, tmp: (_ia3_layer(math.nan).merge, (), {}), ValueError, "NaN or inf"),
-    Case("ia3", "merge_ia3 of an inf vector", lambda tok, tmp: (ia3.merge_ia3, (_ia3_model(math.inf),), {}), ValueError, "NaN or inf"),
+    Case("ia3", "merge_ia3 of an inf vector", lambda tok, tmp: (ia3.merge_ia3, (_ia3_model(math.inf),), {}), ValueError, "merge_ia3 refused at model.layers.0.mlp.down_proj .*NaN or inf"),
+    Case("ia3", "merge of an inf vector", lambda tok, tmp: (_ia3_layer(math.inf).merge, (), {}), ValueError, "merged weight would hold NaN or inf"),
+    Case("ia3", "merge that overflows fp16", lambda tok, tmp: (_ia3_layer(1e6, torch.float16).merge, (), {}), ValueError, "overflows the base's dtype"),
+    Case("ia3", "merge whose bias overflows fp16", lambda tok, tmp: (_ia3_layer(4.0, torch.float16, bias=60000.0).merge, (), {}), ValueError, "merged bias would hold NaN or inf"),
+    Case("ia3", "IA3 on a 4-bit layer", lambda tok, tmp: (ia3.IA3Linear, (_linear4bit(),), {"feedforward": False}), ValueError, "Linear4bit, a linear layer stored quantized.*before quantizing"),
+    Case("ia3", "IA3 on a quantized model", lambda tok, tmp: (ia3.add_ia3, (_quantized_model(),), {}), ValueError, "GroupQuantLinear, a linear layer stored quantized"),
+    Case("ia3", "IA3 on a LoRA model", lambda tok, tmp: (ia3.add_ia3, (_lora_model(), ("q_proj", "v_proj"), ()), {}), ValueError, "already holds an adapter \\(LoRALinear.*merge that adapter first"),
+    Case("ia3", "a refused add_ia3 freezes nothing", lambda tok, tmp: (ia3.add_ia3, (_tiny(), ("k_proj", "input_layernorm"), ()), {}), ValueError, "not norms or activations"),
     # dora
     Case("dora", "rank zero", lambda tok, tmp: (dora.DoRALinear, (nn.Linear(16, 8),), {"r": 0, "alpha": 4}), ValueError, r"r must be an integer in 1..min\(in_features, out_features\) = 1..8"),
     Case("dora", "rank above min(in, out)", lambda tok, tmp: (dora.DoRALinear, (nn.Linear(16, 8),), {"r": 9, "alpha": 4}), ValueError, r"1\.\.8, got 9"),
@@ -332,6 +391,10 @@ CASES = [
     Case("dora", "from a plain peft-less layer", lambda tok, tmp: (dora.dora_from_peft, (nn.Linear(8, 4),), {}), ValueError, "use_dora=True"),
     Case("dora", "merge of a NaN magnitude", lambda tok, tmp: (_dora_layer("magnitude", math.nan).merged_weight, (), {}), ValueError, "NaN or inf"),
     Case("dora", "merge of an inf B", lambda tok, tmp: (_dora_layer("lora_B", math.inf).merged_weight, (), {}), ValueError, "NaN or inf"),
+    Case("dora", "merge that overflows fp16", lambda tok, tmp: (_dora_layer("magnitude", 1e6, torch.float16).merged_weight, (), {}), ValueError, "overflows the base's dtype"),
+    Case("dora", "merge with a zero row of V", lambda tok, tmp: (_dora_zero_row().merged_weight, (), {}), ValueError, "a row of V is zero"),
+    Case("dora", "DoRA around a LoRA layer", lambda tok, tmp: (dora.DoRALinear, (_lora_layer(),), {"r": 2, "alpha": 4}), ValueError, "already holds an adapter \\(LoRALinear.*merge that adapter first"),
+    Case("dora", "DoRA around an IA3 layer", lambda tok, tmp: (dora.DoRALinear, (_ia3_layer(1.0),), {"r": 2, "alpha": 4}), ValueError, "already holds an adapter \\(IA3Linear"),
     # qalora
     Case("qalora", "rank above the number of groups", lambda tok, tmp: (qalora.QALoRALinear, (nn.Linear(32, 10),), {"r": 5, "alpha": 4, "group_size": 8}), ValueError, r"in_features / group_size.*1\.\.4"),
     Case("qalora", "rank as a float", lambda tok, tmp: (qalora.QALoRALinear, (nn.Linear(32, 10),), {"r": 2.5, "alpha": 4, "group_size": 8}), ValueError, "r must be in"),
@@ -344,7 +407,10 @@ CASES = [
     Case("qalora", "targets that match nothing", lambda tok, tmp: (qalora.add_qalora, (_tiny(), ["qkv"]), {"r": 2, "alpha": 4, "group_size": 16}), ValueError, "matches no module.*q_proj"),
     Case("qalora", "a later target refuses the rank", lambda tok, tmp: (qalora.add_qalora, (_tiny(), ["q_proj", "k_proj"]), {"r": 40, "alpha": 4, "group_size": 1}), ValueError, r"1\.\.32"),
     Case("qalora", "merge of a NaN adapter", lambda tok, tmp: (_qalora_layer(math.nan).merge, (), {}), ValueError, "NaN or inf"),
-    Case("qalora", "merge_qalora of an inf adapter", lambda tok, tmp: (qalora.merge_qalora, (_qalora_model(math.inf),), {}), ValueError, "NaN or inf"),
+    Case("qalora", "merge_qalora of an inf adapter", lambda tok, tmp: (qalora.merge_qalora, (_qalora_model(math.inf),), {}), ValueError, "merge_qalora refused at model.layers.0.self_attn.v_proj .*NaN or inf"),
+    Case("qalora", "merge that overflows fp16", lambda tok, tmp: (_qalora_layer(1e9, torch.float16).merge, (), {}), ValueError, "overflows the base's dtype"),
+    Case("qalora", "QA-LoRA on a LoRA model", lambda tok, tmp: (qalora.add_qalora, (_lora_model(), ["q_proj"]), {"r": 2, "alpha": 4, "group_size": 16}), ValueError, "already holds an adapter \\(LoRALinear.*merge that adapter first"),
+    Case("qalora", "QA-LoRA around an IA3 layer", lambda tok, tmp: (qalora.QALoRALinear, (_ia3_layer(1.0),), {"r": 2, "alpha": 4, "group_size": 8}), ValueError, "already holds an adapter \\(IA3Linear"),
     # prompt_tuning
     Case("prompt_tuning", "zero virtual tokens", lambda tok, tmp: (prompt_tuning.PromptTuning, (_tiny(), 0), {}), ValueError, "num_virtual_tokens must be a positive integer"),
     Case("prompt_tuning", "virtual tokens True", lambda tok, tmp: (prompt_tuning.PromptTuning, (_tiny(), True), {}), ValueError, "positive integer.*got True"),
@@ -355,11 +421,16 @@ CASES = [
     Case("prompt_tuning", "float input_ids", lambda tok, tmp: (_prompt(), (torch.zeros(1, 3),), {}), TypeError, "integer tensor of token ids"),
     Case("prompt_tuning", "prompts of the wrong width", lambda tok, tmp: (_prompt(), (torch.ones(1, 3, dtype=torch.long),), {"prompts": torch.zeros(1, 2, 8)}), ValueError, "prompts must have shape"),
     Case("prompt_tuning", "soft prompt holding NaN", lambda tok, tmp: (_nan_prompt().soft_prompt, (), {}), ValueError, "NaN or inf"),
+    Case("prompt_tuning", "soft prompt holding inf", lambda tok, tmp: (_bad_prompt(math.inf).soft_prompt, (), {}), ValueError, "NaN or inf"),
+    Case("prompt_tuning", "soft prompt that overflows fp16", lambda tok, tmp: (_bad_prompt(1e6, torch.float16).soft_prompt, (), {}), ValueError, "overflows the model's torch.float16"),
     # p_tuning
     Case("p_tuning", "negative virtual tokens", lambda tok, tmp: (p_tuning.PTuning, (_tiny(), -1), {}), ValueError, "num_virtual_tokens must be a positive integer"),
     Case("p_tuning", "unknown encoder", lambda tok, tmp: (p_tuning.PTuning, (_tiny(), 2), {"encoder": "GRU"}), ValueError, "encoder must be one of"),
     Case("p_tuning", "encoder width 0", lambda tok, tmp: (p_tuning.PTuning, (_tiny(), 2), {"encoder_hidden_size": 0}), ValueError, "encoder_hidden_size must be a positive integer"),
     Case("p_tuning", "P-tuning of a prefix-tuned model", lambda tok, tmp: (p_tuning.PTuning, (_prefix(), 2), {}), ValueError, "already a PrefixTuning"),
+    Case("p_tuning", "P-tuning twice", lambda tok, tmp: (p_tuning.PTuning, (_bad_p_tuning(0.0), 2), {}), ValueError, "already a PTuning with 2 virtual tokens.*`model.model`"),
+    Case("p_tuning", "encoder output holding inf", lambda tok, tmp: (_bad_p_tuning(math.inf).soft_prompt, (), {}), ValueError, "NaN or inf"),
+    Case("p_tuning", "encoder output that overflows fp16", lambda tok, tmp: (_bad_p_tuning(1e6, torch.float16).soft_prompt, (), {}), ValueError, "overflows the model's torch.float16"),
     # prefix_tuning
     Case("prefix_tuning", "2.5 virtual tokens", lambda tok, tmp: (prefix_tuning.PrefixTuning, (_tiny(), 2.5), {}), ValueError, "num_virtual_tokens must be a positive integer"),
     Case("prefix_tuning", "a model without a KV cache", lambda tok, tmp: (prefix_tuning.PrefixTuning, (_NoCache(), 2), {}), ValueError, "KV cache"),
@@ -368,6 +439,8 @@ CASES = [
     Case("prefix_tuning", "a prefix of the wrong shape", lambda tok, tmp: (_prefix().past_key_values, (1, torch.zeros(3, 8)), {}), ValueError, "a prefix has shape"),
     Case("prefix_tuning", "an integer prefix", lambda tok, tmp: (_prefix().past_key_values, (1, torch.zeros(2, 64, dtype=torch.long)), {}), TypeError, "floating-point"),
     Case("prefix_tuning", "stored prefix holding NaN", lambda tok, tmp: (_nan_prefix().stored_prefix, (), {}), ValueError, "NaN or inf"),
+    Case("prefix_tuning", "stored prefix holding inf", lambda tok, tmp: (_bad_prefix(-math.inf).stored_prefix, (), {}), ValueError, "NaN or inf"),
+    Case("prefix_tuning", "prefix that overflows fp16", lambda tok, tmp: (_bad_prefix(1e6, torch.float16).stored_prefix, (), {}), ValueError, "overflows the model's torch.float16"),
 ]
 # fmt: on
 
@@ -407,10 +480,18 @@ def test_bad_input_is_refused_at_the_door_and_changes_nothing(case, tokenizer, t
     assert all(_same(a, b) for a, b in zip(after, before, strict=True)), "an input was changed"
 
 
+def test_the_snapshot_sees_a_freeze():
+    """The check can fail on requires_grad alone: a refused call that froze a layer is caught."""
+    model = _tiny()
+    before = _snapshot([model])
+    model.model.layers[0].self_attn.k_proj.requires_grad_(False)
+    assert not all(_same(a, b) for a, b in zip(_snapshot([model]), before, strict=True))
+
+
 def test_the_snapshot_sees_an_in_place_change():
     """The 'changes nothing' check can fail: an update in place is caught."""
     opt = _optimizer_with_grads()
     before = _snapshot([opt])
     opt.step()
     after = _snapshot([opt])
-    assert not all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert not all(_same(a, b) for a, b in zip(after, before, strict=True))
