@@ -159,13 +159,24 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             raise ValueError("already merged; call unmerge() first")
-        weight = self._base_weight()
-        merged = weight + self.delta_weight()  # (out, in), in the wider of the two dtypes
-        refuse_non_finite(
-            merged, "the merged weight", "the adapter holds non-finite values, or their product overflows"
-        )
-        weight.copy_(merged)  # one rounding to the base dtype
+        self._base_weight().copy_(self.merged_weight())
         self.merged = True
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + scaling * B A, formed in the wider dtype and rounded once to W0's: what `merge` writes.
+
+        Checked in W0's dtype, so a sum that is finite in fp32 but beyond fp16's 65,504 is refused
+        too; `merge_lora` calls it for every layer before it changes any.
+        """
+        weight = self._base_weight()
+        merged = (weight + self.delta_weight()).to(weight.dtype)  # (out, in)
+        refuse_non_finite(
+            merged,
+            "the merged weight",
+            "the adapter holds non-finite values, or W0 + B A overflows W0's dtype",
+        )
+        return merged
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -278,6 +289,12 @@ def merge_lora(model: nn.Module) -> list[str]:
     forward costs exactly the base's. Returns the merged names.
     """
     layers = lora_layers(model)
+    for name, layer in layers.items():  # every layer checked before any changes: a refusal changes nothing
+        if not layer.merged:
+            try:
+                layer.merged_weight()
+            except ValueError as err:
+                raise ValueError(f"merge_lora refused at {name} (no layer was merged): {err}") from None
     for name, layer in layers.items():
         if not layer.merged:
             layer.merge()

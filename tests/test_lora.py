@@ -295,6 +295,35 @@ def test_merge_lora_gives_back_a_plain_model_with_the_same_outputs(tiny):
     assert (after - before).abs().max() < MERGE_ATOL
 
 
+def test_merge_lora_refuses_before_it_merges_any_layer(tiny):
+    add_lora(tiny, "all-linear", r=4, alpha=8)
+    layers = list(lora_layers(tiny).values())
+    with torch.no_grad():
+        layers[-1].lora_B.weight[0, 0] = math.nan  # only the last layer is broken
+    before = {name: p.detach().clone() for name, p in tiny.named_parameters()}
+    with pytest.raises(
+        ValueError, match=r"refused at model\.layers\.1\.mlp\.down_proj \(no layer was merged\)"
+    ):
+        merge_lora(tiny)
+    assert len(lora_layers(tiny)) == 14 and not any(layer.merged for layer in layers)
+    assert all(
+        torch.allclose(p, before[name], rtol=0, atol=0, equal_nan=True) for name, p in tiny.named_parameters()
+    )
+
+
+def test_a_merge_that_overflows_the_base_dtype_is_refused():
+    layer = LoRALinear(nn.Linear(24, 40).half(), r=4, alpha=8)
+    with torch.no_grad():
+        layer.base.weight[0, 0] = 65_000.0  # fp16's largest finite value is 65,504
+        layer.lora_A.weight.zero_()
+        layer.lora_A.weight[0, 0] = 1.0
+        layer.lora_B.weight[0, 0] = 500.0  # + 2 * 500 = 66,000: finite in fp32, inf in fp16
+    before = layer.base.weight.clone()
+    with pytest.raises(ValueError, match="overflows W0's dtype"):
+        layer.merge()
+    assert torch.equal(layer.base.weight, before) and not layer.merged
+
+
 def test_lora_state_dict_holds_only_the_adapter(tiny):
     add_lora(tiny, ["q_proj"], r=4, alpha=8)
     state = lora_state_dict(tiny)
